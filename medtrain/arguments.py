@@ -1,0 +1,297 @@
+"""Command-line arguments shared by every stage, and the one parser that reads them.
+
+Each stage parses ``(ModelArguments, LoraArguments, DataArguments, <its training config>)`` with
+:func:`parse_args`. A single ``.json``/``.yaml`` file of arguments may stand in for the flags (flags given
+after the file override it). Unknown flags or keys are an error that names them. Checks that involve one
+dataclass live in its ``__post_init__``; checks across dataclasses live in :func:`check_arguments`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from transformers import HfArgumentParser
+
+from .errors import ConfigError
+
+TORCH_DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class ModelArguments:
+    """Which model to load and how (precision, quantization, attention)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Path or Hub id of the base causal LM (for later stages: the merged output of the previous one)."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer path or id; defaults to --model_name_or_path."}
+    )
+    torch_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Dtype to load the weights in. 'auto' = float32 on CPU, the checkpoint's dtype on GPU.",
+            "choices": TORCH_DTYPES,
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow model/tokenizer code from the checkpoint to run. Off unless you trust the source."},
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base weights in 4-bit (bitsandbytes)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base weights in 8-bit (bitsandbytes)."})
+    qlora: bool = field(
+        default=False,
+        metadata={"help": "QLoRA quantization: NF4 with double quantization. Requires --load_in_4bit."},
+    )
+    flash_attn: bool = field(
+        default=False,
+        metadata={"help": "Use FlashAttention-2 (needs a CUDA device and the flash-attn package)."},
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel; default sdpa.", "choices": [None, "eager", "sdpa", "flash_attention_2", "flex_attention"]},
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models."})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.load_in_4bit and self.load_in_8bit:
+            problems.append("--load_in_4bit and --load_in_8bit are mutually exclusive: pick one.")
+        if self.qlora and not self.load_in_4bit:
+            problems.append("--qlora needs --load_in_4bit (QLoRA is NF4 4-bit quantization): add --load_in_4bit.")
+        if self.flash_attn and self.attn_implementation not in (None, "flash_attention_2"):
+            problems.append(
+                f"--flash_attn conflicts with --attn_implementation {self.attn_implementation}: pass only one."
+            )
+        if problems:
+            raise ConfigError(problems)
+        if self.flash_attn:
+            self.attn_implementation = "flash_attention_2"
+
+    @property
+    def quantized(self) -> bool:
+        return self.load_in_4bit or self.load_in_8bit
+
+
+@dataclass
+class LoraArguments:
+    """LoRA / full-training choice and the adapter's shape."""
+
+    use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter (True) or all weights (False)."})
+    target_modules: str = field(
+        default="all",
+        metadata={"help": "Comma-separated module names to adapt; 'all' = every linear layer except the output head."},
+    )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha (update scaled by alpha/r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    modules_to_save: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated modules trained in full and saved with the adapter, e.g. embed_tokens,lm_head."},
+    )
+    peft_path: str | None = field(
+        default=None, metadata={"help": "An existing adapter to continue training instead of a fresh one."}
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.lora_rank <= 0:
+            problems.append(f"--lora_rank must be positive, got {self.lora_rank}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def target_module_list(self) -> list[str] | str:
+        if self.target_modules.strip().lower() == "all":
+            return "all"
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    @property
+    def modules_to_save_list(self) -> list[str] | None:
+        if not self.modules_to_save:
+            return None
+        return [m.strip() for m in self.modules_to_save.split(",") if m.strip()]
+
+
+@dataclass
+class DataArguments:
+    """Where the data is and how it becomes token ids."""
+
+    train_file_dir: str | None = field(
+        default=None, metadata={"help": "Directory searched recursively for training *.json/*.jsonl files."}
+    )
+    validation_file_dir: str | None = field(
+        default=None, metadata={"help": "Directory searched recursively for validation *.json/*.jsonl files."}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hugging Face datasets name (needs the Hub)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Config name for --dataset_name."})
+    max_train_samples: int = field(default=-1, metadata={"help": "Use at most this many training samples (-1 = all)."})
+    max_eval_samples: int = field(default=-1, metadata={"help": "Use at most this many eval samples (-1 = all)."})
+    validation_split_percentage: float = field(
+        default=0.0,
+        metadata={"help": "Percent of the training data held out for evaluation when there is no validation dir."},
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for tokenization (datasets.map num_proc)."}
+    )
+    model_max_length: int = field(
+        default=1024, metadata={"help": "Maximum tokens per sample; longer conversations are cut at turn boundaries."}
+    )
+    template_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Conversation template (see `python template.py --list`). Default: the tokenizer's own chat "
+            "template if it has one, else vicuna."
+        },
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "Replace the template's default system text (not its wrapper)."}
+    )
+    train_on_inputs: bool = field(
+        default=False, metadata={"help": "Also train on system/user/template tokens (default: assistant turns only)."}
+    )
+    skip_invalid_samples: bool = field(
+        default=False,
+        metadata={"help": "Skip malformed records (counted, listed in output_dir/invalid_samples.txt) instead of stopping."},
+    )
+    overwrite_cache: bool = field(default=False, metadata={"help": "Re-run preprocessing even when cached."})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0.0 <= self.validation_split_percentage < 100.0:
+            problems.append(f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}.")
+        if self.model_max_length <= 0:
+            problems.append(f"--model_max_length must be positive, got {self.model_max_length}.")
+        if self.train_file_dir is None and self.dataset_name is None:
+            problems.append("no training data: pass --train_file_dir DIR (or --dataset_name NAME).")
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
+class RunArguments:
+    """What to do with an existing output directory."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow writing into a non-empty output_dir that is not being resumed (old files may be replaced)."},
+    )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _file_args(path: str) -> dict[str, Any]:
+    """Read a .json/.yaml file of arguments."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            if path.endswith(".json"):
+                data = json.load(fh)
+            else:
+                import yaml
+
+                data = yaml.safe_load(fh)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot read the arguments file: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: an arguments file must hold a mapping of flag names to values.")
+    return data
+
+
+def parse_args(dataclass_types: list[type], args: list[str] | None = None, stage_defaults: dict | None = None):
+    """Parse flags (or one .json/.yaml file plus overriding flags) into instances of ``dataclass_types``.
+
+    Fields that several dataclasses declare (e.g. ``trust_remote_code`` in ModelArguments and TRL's configs) become
+    one flag whose value every dataclass receives. On a machine without CUDA, ``use_cpu`` defaults to True (without
+    it torchrun on CPU silently trains each rank alone) and bf16/gradient checkpointing default off.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    parser = HfArgumentParser(dataclass_types, conflict_handler="resolve")
+    known = {f.name for dc in dataclass_types for f in fields(dc) if f.init}
+    defaults: dict[str, Any] = {}
+    if not _cuda_available():
+        defaults.update(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False)
+    defaults.update(report_to=["tensorboard"])
+    defaults.update(stage_defaults or {})
+    if args and args[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(args[0]):
+        file_args = _file_args(args[0])
+        unknown = sorted(set(file_args) - known)
+        if unknown:
+            raise ConfigError(
+                f"{args[0]}: unknown argument(s) {', '.join(unknown)}. Remove them or check the spelling "
+                f"(`python <script> --help` lists every flag)."
+            )
+        defaults.update(file_args)
+        args = args[1:]
+    parser.set_defaults(**{k: v for k, v in defaults.items() if k in known})
+    # Required fields given in a file are satisfied through set_defaults.
+    for action in parser._actions:
+        if action.required and action.dest in defaults:
+            action.required = False
+    namespace, unknown_flags = parser.parse_known_args(args=args)
+    if unknown_flags:
+        raise ConfigError(f"unknown flag(s) {' '.join(unknown_flags)}. Check the spelling: `--help` lists every flag.")
+    # Unlike HfArgumentParser.parse_args_into_dataclasses, a field shared by several dataclasses goes to each.
+    values = vars(namespace)
+    parsed = []
+    for dataclass_type in dataclass_types:
+        names = {f.name for f in fields(dataclass_type) if f.init}
+        try:
+            parsed.append(dataclass_type(**{k: v for k, v in values.items() if k in names}))
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as err:
+            raise ConfigError(str(err).splitlines()[0]) from None
+    return parsed
+
+
+def check_arguments(model_args: ModelArguments, lora_args: LoraArguments, training_args: Any) -> None:
+    """Refuse flag combinations that cannot work, all problems at once, before anything is loaded or written."""
+    problems = []
+    cuda = _cuda_available()
+    deepspeed = getattr(training_args, "deepspeed", None)
+    zero3 = False
+    if deepspeed:
+        config = deepspeed if isinstance(deepspeed, dict) else None
+        if config is None:
+            try:
+                with open(deepspeed, encoding="utf-8") as fh:
+                    config = json.load(fh)
+            except (OSError, ValueError) as err:
+                problems.append(f"--deepspeed {deepspeed}: cannot read the DeepSpeed config: {err}")
+                config = {}
+        zero3 = int(config.get("zero_optimization", {}).get("stage", 0) or 0) == 3
+    if model_args.quantized and not lora_args.use_peft:
+        problems.append("--load_in_4bit/--load_in_8bit train through LoRA only: drop --use_peft False or the quantization.")
+    if model_args.quantized and zero3:
+        problems.append("quantized weights (--load_in_4bit/--load_in_8bit) cannot be sharded by DeepSpeed ZeRO-3: use ZeRO-2.")
+    if model_args.attn_implementation == "flash_attention_2":
+        if not cuda:
+            problems.append("--flash_attn needs a CUDA GPU; on CPU leave it off (sdpa is used).")
+        else:
+            import importlib.util
+
+            if importlib.util.find_spec("flash_attn") is None:
+                problems.append("--flash_attn needs the flash-attn package: pip install flash-attn --no-build-isolation.")
+    if not cuda:
+        if getattr(training_args, "fp16", False):
+            problems.append("--fp16 needs a CUDA GPU; on CPU use float32 (default) or --bf16.")
+        if model_args.torch_dtype == "float16":
+            problems.append("--torch_dtype float16 is not supported for training on CPU: use float32 or bfloat16.")
+        if not getattr(training_args, "use_cpu", True):
+            problems.append("--use_cpu False on a machine without a GPU: leave use_cpu on (see README, distributed).")
+    if lora_args.peft_path and not lora_args.use_peft:
+        problems.append("--peft_path continues a LoRA adapter: it needs --use_peft True.")
+    if problems:
+        raise ConfigError(problems)

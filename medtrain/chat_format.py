@@ -1,0 +1,151 @@
+"""One interface over our conversation templates and a tokenizer's own chat template.
+
+Both produce, for a conversation, the per-turn ``(prompt_text, answer_text)`` pieces training tokenises (only
+answer pieces are supervised) and, for generation, the prompt string. Choosing one is :func:`get_chat_format`:
+``--template_name`` if given, else the tokenizer's chat template if it has one, else ``vicuna``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError, UserError
+
+DEFAULT_TEMPLATE = "vicuna"
+RECORD_FILE = "medtrain_chat_format.json"
+
+
+def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """Insert ``system_prompt`` as a system message unless the conversation brings its own."""
+    if system_prompt is not None and not (messages and messages[0]["role"] == "system"):
+        return [{"role": "system", "content": system_prompt}] + list(messages)
+    return list(messages)
+
+
+@dataclass
+class TemplateChatFormat:
+    """A registered conversation template (``template.py``)."""
+
+    template: Any
+    system_prompt: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.template.name
+
+    @property
+    def stop_str(self) -> str:
+        return self.template.stop_str
+
+    def dialog(self, messages: list[dict]) -> list[tuple[str, str]]:
+        return self.template.get_dialog(messages, self.system_prompt)
+
+    def generation_prompt(self, messages: list[dict]) -> str:
+        return self.template.get_prompt(messages, self.system_prompt)
+
+    def record(self) -> dict:
+        return {"kind": "template", "template_name": self.name, "system_prompt": self.system_prompt}
+
+
+@dataclass
+class TokenizerChatFormat:
+    """The tokenizer's own Jinja chat template, split into turns by rendering the conversation incrementally.
+
+    Turn ``i``'s prompt piece is what the template adds between the end of answer ``i-1`` and the generation prompt
+    for turn ``i``; its answer piece is what completing turn ``i`` adds, up to and including the end-of-turn token
+    (``stop_str``, the tokenizer's eos). Anything the template emits after that token (ChatML's newline) moves to
+    the next prompt piece, so the supervised text is exactly what the model must generate at inference.
+    """
+
+    tokenizer: Any
+    system_prompt: str | None = None
+
+    name = "tokenizer"
+
+    @property
+    def stop_str(self) -> str:
+        return self.tokenizer.eos_token or ""
+
+    def _render(self, messages: list[dict], generation: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+    def dialog(self, messages: list[dict]) -> list[tuple[str, str]]:
+        messages = _with_system(messages, self.system_prompt)
+        offset = 1 if messages[0]["role"] == "system" else 0
+        pieces: list[tuple[str, str]] = []
+        done, carry = "", ""
+        for end in range(offset + 2, len(messages) + 1, 2):
+            prompt = self._render(messages[: end - 1], generation=True)
+            full = self._render(messages[:end], generation=False)
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise UserError(
+                    "the tokenizer's chat template does not render conversations incrementally (it rewrites earlier "
+                    "turns), so assistant masks cannot be derived from it; pass --template_name instead"
+                )
+            answer = full[len(prompt) :]
+            stop = self.stop_str
+            cut = answer.rfind(stop) + len(stop) if stop and stop in answer else len(answer.rstrip())
+            pieces.append((carry + prompt[len(done) :], answer[:cut]))
+            carry, done = answer[cut:], full
+        return pieces
+
+    def generation_prompt(self, messages: list[dict]) -> str:
+        return self._render(_with_system(messages, self.system_prompt), generation=True)
+
+    def record(self) -> dict:
+        return {"kind": "tokenizer", "template_name": None, "system_prompt": self.system_prompt}
+
+
+ChatFormat = TemplateChatFormat | TokenizerChatFormat
+
+
+def get_chat_format(tokenizer: Any, template_name: str | None, system_prompt: str | None = None) -> ChatFormat:
+    """``--template_name`` if given; else the tokenizer's chat template; else vicuna (the seed's base-model default)."""
+    if not template_name and getattr(tokenizer, "chat_template", None):
+        return TokenizerChatFormat(tokenizer, system_prompt)
+    from .templates import get_conv_template
+
+    return TemplateChatFormat(get_conv_template(template_name or DEFAULT_TEMPLATE), system_prompt)
+
+
+def save_chat_format(chat_format: ChatFormat, output_dir: str) -> str:
+    """Record the format used for training so inference (and the next stage) renders the same way."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, RECORD_FILE)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(chat_format.record(), fh, ensure_ascii=False, indent=2)
+    return path
+
+
+def load_recorded_chat_format(model_dir: str) -> dict | None:
+    """The format recorded by a training run in ``model_dir`` (None when there is none)."""
+    path = os.path.join(model_dir, RECORD_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def resolve_chat_format(
+    tokenizer: Any, model_dirs: list[str], template_name: str | None, system_prompt: str | None
+) -> ChatFormat:
+    """For inference/next stages: an explicit template wins, else what training recorded, else the defaults."""
+    if template_name:
+        return get_chat_format(tokenizer, template_name, system_prompt)
+    for model_dir in model_dirs:
+        if model_dir and os.path.isdir(model_dir):
+            recorded = load_recorded_chat_format(model_dir)
+            if recorded:
+                prompt = system_prompt if system_prompt is not None else recorded.get("system_prompt")
+                if recorded["kind"] == "template":
+                    return get_chat_format(tokenizer, recorded["template_name"], prompt)
+                if not getattr(tokenizer, "chat_template", None):
+                    raise ConfigError(
+                        f"{model_dir}: training used the tokenizer's chat template but this tokenizer has none; "
+                        "pass the training tokenizer (--tokenizer_name_or_path) or --template_name"
+                    )
+                return TokenizerChatFormat(tokenizer, prompt)
+    return get_chat_format(tokenizer, None, system_prompt)

@@ -1,0 +1,44 @@
+"""User-facing errors: one clear message (what, where, the fix), no traceback.
+
+Stage scripts wrap ``main`` with :func:`run_main`; anything raised as a :class:`UserError`
+is printed as ``error: <message>`` and the process exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+
+class UserError(Exception):
+    """An error caused by the user's input or flags, reported without a traceback."""
+
+
+class ConfigError(UserError):
+    """Bad or conflicting flags. ``problems`` lists every problem found, reported at once."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class DataError(UserError):
+    """A bad data record, located as ``file:line: field: message``."""
+
+    def __init__(self, message: str, file: str | None = None, line: int | None = None, field: str | None = None):
+        self.file, self.line, self.field, self.detail = file, line, field, message
+        where = ""
+        if file is not None:
+            where = f"{file}:{line}: " if line is not None else f"{file}: "
+        if field:
+            where += f"{field}: "
+        super().__init__(where + message)
+
+
+def run_main(main: Callable[[], Any]) -> Any:
+    """Run ``main``; report a :class:`UserError` as one line on stderr and exit 2."""
+    try:
+        return main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)

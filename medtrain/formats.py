@@ -1,0 +1,433 @@
+"""Reading data files and normalising every supported record format to messages.
+
+A *message* is ``{"role": "system"|"user"|"assistant", "content": str}``. Supported inputs:
+
+- SFT: ShareGPT ``{"conversations": [{"from", "value"}]}`` (roles system/human/gpt, or user/assistant),
+  OpenAI ``{"messages": [{"role", "content"}]}``, alpaca ``{"instruction", "input", "output", "history"?, "system"?}``.
+- Preference: ``{"conversations", "chosen": str, "rejected": str}`` (MedicalGPT),
+  ``{"question", "response_chosen", "response_rejected"}`` (older MedicalGPT),
+  ``{"conversations", "chosen": {"from","value"}, "rejected": {...}}`` (LLaMA-Factory),
+  ``{"prompt", "chosen", "rejected"}`` with strings or message lists (TRL); optional numeric ``margin``.
+
+The format is detected from the first record of a file; every later record must match it. Each error names
+``file:line: field``. Files are read as UTF-8 (a BOM is accepted); JSON arrays report the line where each element
+starts; duplicated keys in an object are an error (silently keeping the last one hides data bugs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from .errors import DataError
+
+DATA_EXTENSIONS = (".json", ".jsonl")
+
+ROLE_ALIASES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+}
+
+
+@dataclass
+class Record:
+    """One raw JSON object and where it came from."""
+
+    data: Any
+    file: str
+    line: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    def error(self, message: str, field: str | None = None) -> DataError:
+        return DataError(message, file=self.file, line=self.line, field=field)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def find_data_files(directory: str, extensions: tuple[str, ...] = DATA_EXTENSIONS) -> list[str]:
+    """All files under ``directory`` (recursively) with one of ``extensions``, sorted for a stable order."""
+    if not os.path.exists(directory):
+        raise DataError(f"data directory does not exist (check --train_file_dir / --validation_file_dir)", file=directory)
+    if os.path.isfile(directory):
+        return [directory]
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(root, f) for f in sorted(files) if f.endswith(extensions) and not f.startswith("."))
+    if not found:
+        raise DataError(f"no {'/'.join('*' + e for e in extensions)} files found (searched recursively)", file=directory)
+    return found
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicated key {key!r} in one object")
+        obj[key] = value
+    return obj
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)
+
+
+def read_text(path: str) -> str:
+    """Read a UTF-8 file (BOM accepted); non-UTF-8 bytes are an error naming the line."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); re-save the file as UTF-8",
+            file=path,
+            line=line,
+        ) from None
+
+
+def iter_json_records(path: str) -> Iterator[Record]:
+    """Yield the objects of a JSON array file or a JSON Lines file, each with its line number."""
+    text = read_text(path)
+    if not text.strip():
+        raise DataError("file is empty", file=path)
+    start = len(text) - len(text.lstrip())
+    if text[start] == "[":
+        yield from _iter_array(path, text, start + 1)
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data = _DECODER.decode(line)
+        except ValueError as err:
+            detail = str(err).split(": line")[0]
+            raise DataError(f"invalid JSON ({detail})", file=path, line=number) from None
+        yield Record(data, path, number)
+
+
+def _iter_array(path: str, text: str, pos: int) -> Iterator[Record]:
+    """Decode a JSON array element by element so each one keeps its line number."""
+    n = len(text)
+    while True:
+        while pos < n and text[pos] in " \t\r\n":
+            pos += 1
+        if pos < n and text[pos] == "]":
+            return
+        line = text.count("\n", 0, pos) + 1
+        try:
+            data, pos = _DECODER.raw_decode(text, pos)
+        except ValueError as err:
+            detail = str(err).split(": line")[0]
+            raise DataError(f"invalid JSON in array ({detail})", file=path, line=line) from None
+        yield Record(data, path, line)
+        while pos < n and text[pos] in " \t\r\n":
+            pos += 1
+        if pos < n and text[pos] == ",":
+            pos += 1
+        elif pos < n and text[pos] == "]":
+            return
+        else:
+            raise DataError("invalid JSON array: expected ',' or ']'", file=path, line=text.count("\n", 0, pos) + 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Field helpers
+
+
+def _string(record: Record, value: Any, field: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise record.error(f"expected a string, got {type(value).__name__}", field)
+    if not allow_empty and not value.strip():
+        raise record.error("empty text", field)
+    return value
+
+
+def _message_list(record: Record, turns: Any, field: str, role_key: str, content_key: str) -> list[dict]:
+    """Validate a list of turns and map its roles to system/user/assistant."""
+    if not isinstance(turns, list):
+        raise record.error(f"expected a list of turns, got {type(turns).__name__}", field)
+    if not turns:
+        raise record.error("empty conversation", field)
+    messages = []
+    for i, turn in enumerate(turns):
+        where = f"{field}[{i}]"
+        if not isinstance(turn, dict):
+            raise record.error(f"expected an object with {role_key!r} and {content_key!r}", where)
+        if role_key not in turn:
+            raise record.error(f"missing {role_key!r}", where)
+        if content_key not in turn:
+            raise record.error(f"missing {content_key!r}", where)
+        raw_role = turn[role_key]
+        role = ROLE_ALIASES.get(raw_role) if isinstance(raw_role, str) else None
+        if role is None:
+            raise record.error(
+                f"unknown role {raw_role!r}; expected one of system, human/user, gpt/assistant", f"{where}.{role_key}"
+            )
+        messages.append({"role": role, "content": _string(record, turn[content_key], f"{where}.{content_key}")})
+    return messages
+
+
+def _check_order(record: Record, messages: list[dict], field: str, last: str) -> None:
+    """A leading system message, then user/assistant alternating from user, ending with ``last``."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not body:
+        raise record.error("no user/assistant turns", field)
+    for i, message in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            index = i + (len(messages) - len(body))
+            raise record.error(
+                f"roles out of order: expected {expected!r} at this position, got {message['role']!r} "
+                "(a system turn may only come first; user and assistant must alternate, starting with user)",
+                f"{field}[{index}]",
+            )
+    if body[-1]["role"] != last:
+        raise record.error(f"conversation must end with a {'user' if last == 'user' else 'assistant'} turn", field)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SFT formats
+
+
+def _sharegpt(record: Record) -> list[dict]:
+    return _message_list(record, record.data["conversations"], "conversations", "from", "value")
+
+
+def _openai(record: Record) -> list[dict]:
+    return _message_list(record, record.data["messages"], "messages", "role", "content")
+
+
+def _alpaca(record: Record) -> list[dict]:
+    data = record.data
+    messages = []
+    if data.get("system"):
+        messages.append({"role": "system", "content": _string(record, data["system"], "system")})
+    history = data.get("history") or []
+    if not isinstance(history, list):
+        raise record.error("expected a list of [question, answer] pairs", "history")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise record.error("expected a [question, answer] pair", f"history[{i}]")
+        messages.append({"role": "user", "content": _string(record, pair[0], f"history[{i}][0]")})
+        messages.append({"role": "assistant", "content": _string(record, pair[1], f"history[{i}][1]")})
+    instruction = _string(record, data["instruction"], "instruction")
+    extra = _string(record, data.get("input") or "", "input", allow_empty=True)
+    messages.append({"role": "user", "content": f"{instruction}\n{extra}" if extra.strip() else instruction})
+    messages.append({"role": "assistant", "content": _string(record, data.get("output"), "output")})
+    return messages
+
+
+SFT_FORMATS: dict[str, tuple[Callable[[dict], bool], Callable[[Record], list[dict]]]] = {
+    "sharegpt": (lambda d: "conversations" in d, _sharegpt),
+    "openai": (lambda d: "messages" in d, _openai),
+    "alpaca": (lambda d: "instruction" in d, _alpaca),
+}
+
+
+def _detect(record: Record, formats: dict, kind: str) -> str:
+    if not isinstance(record.data, dict):
+        raise record.error(f"expected a JSON object, got {type(record.data).__name__}")
+    for name, (matches, _) in formats.items():
+        if matches(record.data):
+            return name
+    raise record.error(
+        f"unknown {kind} format with keys {sorted(record.data)}; expected one of: " + "; ".join(_FORMAT_HELP[kind])
+    )
+
+
+_FORMAT_HELP = {
+    "sft": [
+        'ShareGPT {"conversations": [{"from", "value"}]}',
+        'OpenAI {"messages": [{"role", "content"}]}',
+        'alpaca {"instruction", "input", "output"}',
+    ],
+    "preference": [
+        '{"conversations", "chosen", "rejected"}',
+        '{"question", "response_chosen", "response_rejected"}',
+        '{"prompt", "chosen", "rejected"}',
+    ],
+    "prompt": ['{"conversations"}', '{"messages"}', '{"prompt"}', '{"question"}', '{"instruction"}'],
+}
+
+
+def _load(files: list[str], formats: dict, kind: str, parse: Callable[[Record, Callable], dict], skipped: list[str] | None):
+    """Parse every record of every file; with ``skipped`` given, bad records are listed there instead of raising."""
+    out = []
+    for path in files:
+        file_format = None
+        try:
+            records = iter_json_records(path)
+            for record in records:
+                try:
+                    fmt = _detect(record, formats, kind)
+                    if file_format is None:
+                        file_format = fmt
+                    elif fmt != file_format:
+                        raise record.error(
+                            f"record is in {fmt} format but this file started in {file_format} format; "
+                            "keep one format per file"
+                        )
+                    item = parse(record, formats[fmt][1])
+                    item["source"] = record.where
+                    out.append(item)
+                except DataError as err:
+                    if skipped is None:
+                        raise
+                    skipped.append(str(err))
+        except DataError as err:
+            # Whole-file problems (empty, not UTF-8, broken JSON) stop the run unless skipping.
+            if skipped is None:
+                raise
+            if str(err) not in skipped:
+                skipped.append(str(err))
+    return out
+
+
+def load_conversations(files: list[str], skipped: list[str] | None = None) -> list[dict]:
+    """Load SFT files as ``{"messages": [...], "source": "file:line"}`` (ending with an assistant turn)."""
+
+    def parse(record: Record, to_messages: Callable[[Record], list[dict]]) -> dict:
+        messages = to_messages(record)
+        _check_order(record, messages, "conversations" if "conversations" in record.data else "messages", "assistant")
+        return {"messages": messages}
+
+    return _load(files, SFT_FORMATS, "sft", parse, skipped)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Preference formats
+
+
+def _response(record: Record, value: Any, field: str) -> str:
+    """A response is a string, a {"from"/"role", "value"/"content"} turn, or a one-turn assistant message list."""
+    if isinstance(value, dict):
+        role = value.get("from", value.get("role", "gpt"))
+        if ROLE_ALIASES.get(role) != "assistant":
+            raise record.error(f"response role must be gpt/assistant, got {role!r}", field)
+        text = value.get("value", value.get("content"))
+        return _string(record, text, f"{field}.value" if "value" in value else f"{field}.content")
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise record.error("expected exactly one assistant message", field)
+        return _response(record, value[0], f"{field}[0]")
+    return _string(record, value, field)
+
+
+def _pref_conversations(record: Record) -> tuple[list[dict], Any, Any]:
+    data = record.data
+    messages = _message_list(record, data["conversations"], "conversations", "from", "value")
+    return messages, data.get("chosen"), data.get("rejected")
+
+
+def _pref_question(record: Record) -> tuple[list[dict], Any, Any]:
+    data = record.data
+    messages = [{"role": "user", "content": _string(record, data["question"], "question")}]
+    if data.get("system"):
+        messages.insert(0, {"role": "system", "content": _string(record, data["system"], "system")})
+    return messages, data.get("response_chosen"), data.get("response_rejected")
+
+
+def _pref_prompt(record: Record) -> tuple[list[dict], Any, Any]:
+    data = record.data
+    prompt = data["prompt"]
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": _string(record, prompt, "prompt")}]
+    else:
+        messages = _message_list(record, prompt, "prompt", "role", "content")
+    return messages, data.get("chosen"), data.get("rejected")
+
+
+PREFERENCE_FORMATS = {
+    "conversations": (lambda d: "conversations" in d, _pref_conversations),
+    "question": (lambda d: "question" in d and "response_chosen" in d, _pref_question),
+    "prompt": (lambda d: "prompt" in d, _pref_prompt),
+}
+_FIELD_NAMES = {
+    "conversations": ("chosen", "rejected"),
+    "question": ("response_chosen", "response_rejected"),
+    "prompt": ("chosen", "rejected"),
+}
+
+
+def load_preferences(files: list[str], skipped: list[str] | None = None) -> list[dict]:
+    """Load preference files as ``{"messages", "chosen", "rejected", "margin", "source"}``.
+
+    ``messages`` is the prompt (optional system, history, ending with a user turn); chosen/rejected are the
+    assistant replies to it.
+    """
+
+    def parse(record: Record, split: Callable[[Record], tuple[list[dict], Any, Any]]) -> dict:
+        fmt = next(name for name, (_, fn) in PREFERENCE_FORMATS.items() if fn is split)
+        chosen_key, rejected_key = _FIELD_NAMES[fmt]
+        messages, chosen, rejected = split(record)
+        for key, value in ((chosen_key, chosen), (rejected_key, rejected)):
+            if value is None:
+                raise record.error(f"missing {key!r}", key)
+        _check_order(record, messages, "prompt" if fmt == "prompt" else fmt, "user")
+        chosen = _response(record, chosen, chosen_key)
+        rejected = _response(record, rejected, rejected_key)
+        if chosen.strip() == rejected.strip():
+            raise record.error("chosen and rejected are identical: the pair carries no preference", rejected_key)
+        margin = record.data.get("margin", 0.0)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise record.error(f"expected a number, got {type(margin).__name__}", "margin")
+        return {"messages": messages, "chosen": chosen, "rejected": rejected, "margin": float(margin)}
+
+    return _load(files, PREFERENCE_FORMATS, "preference", parse, skipped)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prompts (PPO / inference): any SFT or preference record, or {"prompt"}/{"question"}/{"instruction"}
+
+
+def load_prompts(files: list[str], skipped: list[str] | None = None) -> list[dict]:
+    """Load prompts as ``{"messages": [... ending with a user turn], "source"}``.
+
+    From an SFT conversation the prompt is everything before its last assistant turn; a preference record gives
+    its prompt; ``{"prompt": str}`` / ``{"question": str}`` / ``{"instruction", "input"}`` give one user turn.
+    """
+
+    def prompt_messages(record: Record) -> list[dict]:
+        data = record.data
+        if "conversations" in data or "messages" in data:
+            key, role_key, content_key = (
+                ("conversations", "from", "value") if "conversations" in data else ("messages", "role", "content")
+            )
+            messages = _message_list(record, data[key], key, role_key, content_key)
+            if messages[-1]["role"] == "assistant" and "chosen" not in data:
+                messages = messages[:-1]
+            _check_order(record, messages, key, "user")
+            return messages
+        if "instruction" in data:
+            # The answer is not needed; a placeholder keeps the alpaca parser's checks in one place.
+            return _alpaca(Record({**data, "output": "-"}, record.file, record.line))[:-1]
+        for key in ("prompt", "question", "query"):
+            if key in data:
+                if isinstance(data[key], list):
+                    messages = _message_list(record, data[key], key, "role", "content")
+                    _check_order(record, messages, key, "user")
+                    return messages
+                return [{"role": "user", "content": _string(record, data[key], key)}]
+        raise record.error(
+            f"no prompt found in keys {sorted(data)}; expected conversations/messages, prompt, question or instruction"
+        )
+
+    formats = {"prompt": (lambda d: True, prompt_messages)}
+
+    def parse(record: Record, fn: Callable[[Record], list[dict]]) -> dict:
+        return {"messages": fn(record)}
+
+    return _load(files, formats, "prompt", parse, skipped)

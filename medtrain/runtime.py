@@ -1,0 +1,91 @@
+"""Run set-up every stage shares: logging, the output directory guard, tensorboard location, environment report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from .checkpoints import resolve_resume
+from .errors import ConfigError
+
+logger = logging.getLogger("medtrain")
+
+
+def setup_logging(training_args: Any) -> None:
+    """Library logs at INFO on the main process, WARNING on the others."""
+    import datasets
+    import transformers
+
+    level = logging.INFO if training_args.process_index == 0 else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)], level=level, force=True)
+    transformers.utils.logging.set_verbosity(logging.WARNING if level == logging.INFO else logging.ERROR)
+    datasets.utils.logging.set_verbosity(logging.WARNING)
+    datasets.disable_progress_bars() if level != logging.INFO else None
+
+
+def prepare_output_dir(training_args: Any, overwrite_output_dir: bool = False) -> str | None:
+    """Refuse to write into a non-empty ``output_dir`` unless resuming or ``--overwrite_output_dir``.
+
+    Returns the checkpoint to resume from (``--resume_from_checkpoint`` resolved, ``auto`` included). Runs before
+    anything is written so a refused or failed start leaves an existing directory untouched.
+    """
+    output_dir = training_args.output_dir
+    resume = resolve_resume(training_args.resume_from_checkpoint, output_dir)
+    non_empty = os.path.isdir(output_dir) and any(
+        name not in ("logs",) for name in os.listdir(output_dir)
+    )
+    auto = str(training_args.resume_from_checkpoint).lower() in ("auto", "latest", "true")
+    if non_empty and resume is None and not overwrite_output_dir and not (auto and training_args.process_index != 0):
+        raise ConfigError(
+            f"output_dir {output_dir} exists and is not empty. Resume with --resume_from_checkpoint auto, "
+            "choose another --output_dir, or pass --overwrite_output_dir to write into it anyway."
+        )
+    # tensorboard events go to output_dir/logs (transformers 5 removed TrainingArguments.logging_dir)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(output_dir, "logs")
+    return resume
+
+
+def describe_environment(training_args: Any) -> dict:
+    """What this launch uses: ranks, backend, device, precision, DeepSpeed."""
+    import torch
+
+    info = {
+        "world_size": training_args.world_size,
+        "process_index": training_args.process_index,
+        "local_rank": training_args.local_process_index,
+        "device": str(training_args.device),
+        "backend": (torch.distributed.get_backend() if torch.distributed.is_available() and torch.distributed.is_initialized() else None),
+        "use_cpu": training_args.use_cpu,
+        "bf16": training_args.bf16,
+        "fp16": training_args.fp16,
+        "deepspeed": training_args.deepspeed,
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "global_batch_size": training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps * training_args.world_size,
+    }
+    logger.info("environment: %s", json.dumps(info))
+    return info
+
+
+def write_results(output_dir: str, split: str, metrics: dict) -> str:
+    """Write ``{split}_results.txt`` (``key = value`` lines, as the seed documents) next to Trainer's JSON."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, f"{split}_results.txt")
+    with open(path, "w", encoding="utf-8") as fh:
+        for key in sorted(metrics):
+            fh.write(f"{key} = {metrics[key]}\n")
+    return path
+
+
+def perplexity(loss: float) -> float:
+    import math
+
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")

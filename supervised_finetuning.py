@@ -1,0 +1,93 @@
+"""Supervised fine-tuning (multi-turn) with LoRA, QLoRA or full training.
+
+    python supervised_finetuning.py --model_name_or_path models/SmolLM2-135M-Instruct \
+        --train_file_dir data/sft --validation_split_percentage 10 --output_dir outputs-sft
+    python supervised_finetuning.py sft_config.yaml --num_train_epochs 2   # a file of arguments, flags override
+
+Only assistant turns (and their end-of-turn token) are trained on; the layout of the first sample is printed at
+start-up. The chat format used is recorded in the output dir so inference renders prompts the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from trl import SFTConfig, SFTTrainer
+
+from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, check_arguments, parse_args
+from medtrain.chat_format import get_chat_format, save_chat_format
+from medtrain.checkpoints import CompleteCheckpointCallback
+from medtrain.data import load_splits, log_first_sample, tokenize_conversations
+from medtrain.errors import run_main
+from medtrain.formats import load_conversations
+from medtrain.modeling import apply_lora, load_model, load_tokenizer
+from medtrain.runtime import describe_environment, perplexity, prepare_output_dir, setup_logging, write_results
+
+logger = logging.getLogger("medtrain.sft")
+
+
+def main() -> None:
+    model_args, lora_args, data_args, run_args, training_args = parse_args(
+        [ModelArguments, LoraArguments, DataArguments, RunArguments, SFTConfig],
+        stage_defaults={"output_dir": "outputs-sft", "do_train": True, "do_eval": True},
+    )
+    check_arguments(model_args, lora_args, training_args)
+    setup_logging(training_args)
+    resume = prepare_output_dir(training_args, run_args.overwrite_output_dir)
+    describe_environment(training_args)
+
+    # Tokenizer and the chat format (template or the tokenizer's own chat template)
+    tokenizer = load_tokenizer(model_args)
+    chat_format = get_chat_format(tokenizer, data_args.template_name, data_args.system_prompt)
+    logger.info("chat format: %s", chat_format.record())
+
+    # Data: load, validate, tokenise with assistant-only labels
+    with training_args.main_process_first(desc="tokenizing"):
+        train_records, eval_records = load_splits(
+            data_args, load_conversations, seed=training_args.seed, report_dir=training_args.output_dir
+        )
+        encode = dict(tokenizer=tokenizer, chat_format=chat_format, max_length=data_args.model_max_length,
+                      train_on_inputs=data_args.train_on_inputs, num_proc=data_args.preprocessing_num_workers)
+        train_dataset = tokenize_conversations(train_records, name="train", **encode)
+        eval_dataset = tokenize_conversations(eval_records, name="eval", **encode) if eval_records else None
+    log_first_sample(train_dataset, tokenizer)
+
+    # Model (+ LoRA adapter)
+    model = load_model(model_args, tokenizer=tokenizer)
+    if lora_args.use_peft:
+        model = apply_lora(model, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
+
+    # Trainer: the data is already tokenised and truncated, so TRL only pads (or packs) it
+    training_args.max_length = data_args.model_max_length
+    training_args.dataset_num_proc = data_args.preprocessing_num_workers
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=[CompleteCheckpointCallback()],
+    )
+
+    # Train, save, evaluate
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(training_args.output_dir)
+        trainer.save_state()
+        if trainer.is_world_process_zero():
+            save_chat_format(chat_format, training_args.output_dir)
+            metrics = dict(result.metrics, train_samples=len(train_dataset))
+            trainer.save_metrics("train", metrics)
+            write_results(training_args.output_dir, "train", metrics)
+    if training_args.do_eval and eval_dataset is not None:
+        metrics = trainer.evaluate()
+        metrics["perplexity"] = perplexity(metrics["eval_loss"])
+        metrics["eval_samples"] = len(eval_dataset)
+        trainer.log_metrics("eval", metrics)
+        if trainer.is_world_process_zero():
+            trainer.save_metrics("eval", metrics)
+            write_results(training_args.output_dir, "eval", metrics)
+
+
+if __name__ == "__main__":
+    run_main(main)
