@@ -26,9 +26,9 @@ from medtrain.runtime import describe_environment, perplexity, prepare_output_di
 logger = logging.getLogger("medtrain.sft")
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> SFTTrainer:
     model_args, lora_args, data_args, run_args, training_args = parse_args(
-        [ModelArguments, LoraArguments, DataArguments, RunArguments, SFTConfig],
+        [ModelArguments, LoraArguments, DataArguments, RunArguments, SFTConfig], args,
         stage_defaults={"output_dir": "outputs-sft", "do_train": True, "do_eval": True},
     )
     check_arguments(model_args, lora_args, training_args)
@@ -87,6 +87,7 @@ def main() -> None:
         if trainer.is_world_process_zero():
             trainer.save_metrics("eval", metrics)
             write_results(training_args.output_dir, "eval", metrics)
+    return trainer
 
 
 if __name__ == "__main__":

@@ -221,7 +221,10 @@ def parse_args(dataclass_types: list[type], args: list[str] | None = None, stage
     known = {f.name for dc in dataclass_types for f in fields(dc) if f.init}
     defaults: dict[str, Any] = {}
     if not _cuda_available():
-        defaults.update(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False)
+        # TRL configs default bf16 and gradient checkpointing on (STACK-NOTES trap 2). None lets transformers resolve
+        # the deprecated gradient_checkpointing alias to activation_checkpointing=False without a warning, while an
+        # explicit --gradient_checkpointing still takes effect.
+        defaults.update(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=None)
     defaults.update(report_to=["tensorboard"])
     defaults.update(stage_defaults or {})
     if args and args[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(args[0]):

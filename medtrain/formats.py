@@ -195,7 +195,7 @@ def _check_order(record: Record, messages: list[dict], field: str, last: str) ->
                 f"{field}[{index}]",
             )
     if body[-1]["role"] != last:
-        raise record.error(f"conversation must end with a {'user' if last == 'user' else 'assistant'} turn", field)
+        raise record.error(f"conversation must end with {'a user' if last == 'user' else 'an assistant'} turn", field)
 
 
 # --------------------------------------------------------------------------------------------------------------
