@@ -1,0 +1,96 @@
+"""Preference pairs (prompt, chosen, rejected) as token ids, rendered exactly as SFT renders the same turn.
+
+The prompt is the conversation up to the last user turn plus the assistant header; chosen/rejected are the
+assistant reply including its end-of-turn token. Both come from ``chat_format.dialog`` on the conversation with the
+reply appended, so the ids equal the ones SFT would produce for that conversation.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+TRUNCATION_CHOICES = ["left", "drop"]
+
+
+@dataclass
+class EncodedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    truncated: bool = False
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False) if text else []
+
+
+def render_pair(chat_format: Any, record: dict) -> tuple[list[tuple[str, str]], str, str]:
+    """``(prompt_pieces, chosen_text, rejected_text)``: the dialog pieces up to the last prompt, then the replies.
+
+    ``prompt_pieces`` are ``(prompt, answer)`` pairs for the history turns followed by ``(last_prompt, "")``.
+    """
+    messages = record["messages"]
+    chosen = chat_format.dialog(messages + [{"role": "assistant", "content": record["chosen"]}])
+    rejected = chat_format.dialog(messages + [{"role": "assistant", "content": record["rejected"]}])
+    if chosen[:-1] != rejected[:-1] or chosen[-1][0] != rejected[-1][0]:
+        raise UserError("the chat format renders the shared prompt differently for chosen and rejected")
+    return chosen[:-1] + [(chosen[-1][0], "")], chosen[-1][1], rejected[-1][1]
+
+
+def prompt_text(chat_format: Any, record: dict) -> str:
+    pieces, _, _ = render_pair(chat_format, record)
+    return "".join(p + a for p, a in pieces)
+
+
+def encode_pair(
+    tokenizer: Any, chat_format: Any, record: dict, max_length: int, truncation: str = "left"
+) -> EncodedPair | None:
+    """Token ids of one pair; over-long prompts lose tokens from the left so both replies keep their ends.
+
+    Returns None when the pair cannot fit (``truncation="drop"``, or a reply alone longer than ``max_length - 1``).
+    """
+    from .tokenization import _needs_bos
+
+    pieces, chosen_text, rejected_text = render_pair(chat_format, record)
+    prompt_ids: list[int] = []
+    for prompt, answer in pieces:
+        prompt_ids += _ids(tokenizer, prompt) + _ids(tokenizer, answer)
+    if _needs_bos(tokenizer, prompt_ids):
+        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    chosen_ids, rejected_ids = _ids(tokenizer, chosen_text), _ids(tokenizer, rejected_text)
+    longest = max(len(chosen_ids), len(rejected_ids))
+    if len(prompt_ids) + longest <= max_length:
+        return EncodedPair(prompt_ids, chosen_ids, rejected_ids)
+    if truncation == "drop" or longest >= max_length:
+        return None
+    keep = max_length - longest
+    return EncodedPair(prompt_ids[-keep:], chosen_ids, rejected_ids, truncated=True)
+
+
+def encode_pairs(
+    records: list[dict], tokenizer: Any, chat_format: Any, max_length: int, truncation: str = "left", name: str = "train"
+) -> list[dict]:
+    """Encode many pairs; the numbers truncated and dropped are logged (never silent)."""
+    out, truncated, dropped = [], 0, 0
+    for record in records:
+        pair = encode_pair(tokenizer, chat_format, record, max_length, truncation)
+        if pair is None:
+            dropped += 1
+            continue
+        truncated += pair.truncated
+        out.append({"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids,
+                    "margin": record.get("margin", 0.0), "source": record.get("source", "")})
+    if truncated or dropped:
+        logger.warning(
+            "%s: %d of %d preference pairs longer than %d tokens: %d prompt(s) truncated from the left, %d pair(s) dropped",
+            name, truncated + dropped, len(records), max_length, truncated, dropped,
+        )
+    if not out:
+        raise UserError(f"{name}: every preference pair is longer than {max_length} tokens; raise --model_max_length")
+    return out
