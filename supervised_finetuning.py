@@ -21,7 +21,7 @@ from medtrain.data import load_splits, log_first_sample, tokenize_conversations
 from medtrain.errors import run_main
 from medtrain.formats import load_conversations
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
-from medtrain.runtime import describe_environment, perplexity, prepare_output_dir, setup_logging, write_results
+from medtrain.runtime import perplexity, start_run, write_results
 
 logger = logging.getLogger("medtrain.sft")
 
@@ -32,9 +32,7 @@ def main(args: list[str] | None = None) -> SFTTrainer:
         stage_defaults={"output_dir": "outputs-sft", "do_train": True, "do_eval": True},
     )
     check_arguments(model_args, lora_args, training_args)
-    setup_logging(training_args)
-    resume = prepare_output_dir(training_args, run_args.overwrite_output_dir)
-    describe_environment(training_args)
+    resume = start_run(training_args, run_args.overwrite_output_dir)
 
     # Tokenizer and the chat format (template or the tokenizer's own chat template)
     tokenizer = load_tokenizer(model_args)

@@ -89,3 +89,19 @@ def perplexity(loss: float) -> float:
         return math.exp(loss)
     except OverflowError:
         return float("inf")
+
+
+def start_run(training_args: Any, overwrite_output_dir: bool = False) -> str | None:
+    """Logging, seeding, the output-dir guard and the environment report, in the order every stage needs.
+
+    Seeding happens here, before any model is built, because LoRA and reward heads are randomly initialised
+    before Trainer seeds itself; without it two runs (or a run and its resume) start from different adapters.
+    Returns the checkpoint to resume from, if any.
+    """
+    from transformers import set_seed
+
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    resume = prepare_output_dir(training_args, overwrite_output_dir)
+    describe_environment(training_args)
+    return resume
