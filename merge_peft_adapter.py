@@ -1,0 +1,43 @@
+"""Merge a LoRA adapter (SFT, reward model, QLoRA, resized vocabulary) into its base model.
+
+    python merge_peft_adapter.py --base_model models/SmolLM2-135M-Instruct --lora_model outputs-sft \
+        --output_dir merged-sft
+    python merge_peft_adapter.py --base_model merged-sft --lora_model outputs-rm --output_dir merged-rm
+
+The adapter is applied to the full-precision base (also when it was trained with QLoRA), in float32, and the merged
+model is compared with base + adapter on a few inputs: the largest logit difference is printed and the merge fails
+above --tolerance. The output dir gets safetensors weights, the tokenizer (with its chat template), the chat format
+recorded at training time (medtrain_chat_format.json), the generation config and merge_report.json. It is written
+to a temporary directory first and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from medtrain.arguments import parse_args
+from medtrain.errors import run_main
+from medtrain.merging import MergeArguments, MergeReport, merge_adapter
+
+logger = logging.getLogger("medtrain.merge")
+
+
+def main(args: list[str] | None = None) -> MergeReport:
+    (merge_args,) = parse_args([MergeArguments], args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)], level=logging.INFO, force=True)
+    report = merge_adapter(merge_args)
+    if report.max_abs_diff is not None:
+        print(f"max |logit difference| merged vs base + adapter (float32): {report.max_abs_diff:.3g}")
+    if report.quantized_max_abs_diff is not None:
+        print(f"max |logit difference| merged vs {report.quantization}-quantized base + adapter: "
+              f"{report.quantized_max_abs_diff:.3g}")
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"merged {report.model_type} model written to {report.output_dir} ({report.dtype})")
+    return report
+
+
+if __name__ == "__main__":
+    run_main(main)
