@@ -1,0 +1,213 @@
+"""RLHF against a trained reward model: our own PPO (default), or TRL's RLOO / GRPO.
+
+    python ppo_training.py --model_name_or_path outputs-sft-merged --reward_model_name_or_path outputs-rm \
+        --train_file_dir data/sft --output_dir outputs-ppo --max_steps 20
+    python ppo_training.py --rl_algo rloo ...   # TRL RLOOTrainer with the same reward model and prompts
+
+Prompts are the user turns (with history and system prompt) of SFT/preference/prompt files, rendered with the
+chat format the policy was trained with. The reward model must share the policy's vocabulary and chat format
+(checked). With LoRA the reference policy is the same base with the adapter disabled (no second copy).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, check_arguments, parse_args
+from medtrain.chat_format import resolve_chat_format, save_chat_format
+from medtrain.data import load_splits
+from medtrain.errors import ConfigError, DataError, run_main
+from medtrain.formats import load_prompts
+from medtrain.modeling import apply_lora, load_model, load_tokenizer
+from medtrain.ppo import PPOArguments, PPOTrainer
+from medtrain.reward import load_reward_model, load_reward_scorer
+from medtrain.runtime import start_run, write_results
+
+logger = logging.getLogger("medtrain.ppo")
+
+RL_ALGOS = ["ppo", "rloo", "grpo"]
+
+
+@dataclass
+class RLArguments:
+    """Which RL algorithm, and the reward/value models it uses."""
+
+    rl_algo: str = field(default="ppo", metadata={"help": "ppo (ours), rloo or grpo (TRL).", "choices": RL_ALGOS})
+    reward_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Reward model from reward_modeling.py: its output dir (adapter) or a merged model."}
+    )
+    reward_base_model: str | None = field(
+        default=None, metadata={"help": "Base model of a reward adapter when its adapter_config does not point to it."}
+    )
+    value_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "PPO value model initialisation (default: the reward model)."}
+    )
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "Prompts longer than this many tokens are dropped (and counted)."}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.reward_model_name_or_path:
+            raise ConfigError("--reward_model_name_or_path is required (the output of reward_modeling.py).")
+
+
+def _config_class(argv: list[str]) -> type:
+    """The training-arguments class for --rl_algo (TRL's configs for rloo/grpo), read before full parsing."""
+    algo = "ppo"
+    for i, arg in enumerate(argv):
+        if arg == "--rl_algo" and i + 1 < len(argv):
+            algo = argv[i + 1]
+        elif arg.startswith("--rl_algo="):
+            algo = arg.split("=", 1)[1]
+    if algo == "rloo":
+        from trl import RLOOConfig
+
+        return RLOOConfig
+    if algo == "grpo":
+        from trl import GRPOConfig
+
+        return GRPOConfig
+    return TrainingArguments
+
+
+def check_reward_model_matches(policy_tokenizer, policy_format, scorer) -> None:
+    """The reward model scores the policy's token ids directly: vocabularies and chat formats must agree."""
+    if policy_tokenizer.get_vocab() != scorer.tokenizer.get_vocab():
+        raise ConfigError(
+            f"the reward model's tokenizer ({len(scorer.tokenizer)} tokens) differs from the policy's "
+            f"({len(policy_tokenizer)} tokens): train the reward model from the same base/tokenizer as the policy."
+        )
+    probe = [{"role": "user", "content": "Is this format the same?"}]
+    if policy_format.generation_prompt(probe) != scorer.chat_format.generation_prompt(probe):
+        raise ConfigError(
+            f"the reward model was trained with chat format {scorer.chat_format.record()} but the policy uses "
+            f"{policy_format.record()}: pass the same --template_name/--system_prompt both were trained with."
+        )
+
+
+def encode_prompts(records: list[dict], tokenizer, chat_format, max_length: int, name: str) -> list[list[int]]:
+    """Rendered, tokenised prompts; over-long ones are dropped with a logged count."""
+    prompts = [tokenizer.encode(chat_format.generation_prompt(r["messages"]), add_special_tokens=False) for r in records]
+    kept = [p for p in prompts if len(p) <= max_length]
+    if len(kept) < len(prompts):
+        logger.warning("%s: dropped %d of %d prompts longer than --max_prompt_length %d",
+                       name, len(prompts) - len(kept), len(prompts), max_length)
+    if not kept:
+        raise DataError(f"{name}: every prompt is longer than --max_prompt_length {max_length}")
+    return kept
+
+
+def main(args: list[str] | None = None):
+    argv = list(sys.argv[1:] if args is None else args)
+    config_class = _config_class(argv)
+    dataclasses = [ModelArguments, LoraArguments, DataArguments, RunArguments, RLArguments, config_class]
+    if config_class is TrainingArguments:
+        dataclasses.insert(-1, PPOArguments)
+        parsed = parse_args(dataclasses, argv, stage_defaults={"output_dir": "outputs-ppo", "learning_rate": 1e-5})
+        model_args, lora_args, data_args, run_args, rl_args, ppo_args, training_args = parsed
+    else:
+        parsed = parse_args(dataclasses, argv, stage_defaults={"output_dir": "outputs-rl"})
+        model_args, lora_args, data_args, run_args, rl_args, training_args = parsed
+    check_arguments(model_args, lora_args, training_args)
+    resume = start_run(training_args, run_args.overwrite_output_dir)
+
+    # Policy tokenizer and chat format (recorded by the SFT stage in the policy's dir)
+    tokenizer = load_tokenizer(model_args, padding_side="left")
+    chat_format = resolve_chat_format(tokenizer, [model_args.model_name_or_path], data_args.template_name,
+                                      data_args.system_prompt)
+    logger.info("chat format: %s", chat_format.record())
+
+    # Reward model: same vocabulary and chat format as the policy
+    scorer = load_reward_scorer(rl_args.reward_model_name_or_path, rl_args.reward_base_model,
+                                model_args=ModelArguments(torch_dtype=model_args.torch_dtype,
+                                                          trust_remote_code=model_args.trust_remote_code),
+                                template_name=data_args.template_name, system_prompt=data_args.system_prompt)
+    check_reward_model_matches(tokenizer, chat_format, scorer)
+
+    # Prompts
+    train_records, eval_records = load_splits(data_args, load_prompts, seed=training_args.seed,
+                                              report_dir=training_args.output_dir)
+    train_prompts = encode_prompts(train_records, tokenizer, chat_format, rl_args.max_prompt_length, "train")
+
+    # Policy (+ LoRA adapter)
+    policy = load_model(model_args, tokenizer=tokenizer)
+    if lora_args.use_peft:
+        policy = apply_lora(policy, lora_args)
+    stop_ids = sorted({i for i in (tokenizer.convert_tokens_to_ids(chat_format.stop_str), tokenizer.eos_token_id)
+                       if isinstance(i, int) and i != tokenizer.unk_token_id})
+
+    if rl_args.rl_algo == "ppo":
+        trainer = build_ppo(policy, tokenizer, scorer, train_prompts, stop_ids, model_args, lora_args, rl_args,
+                            ppo_args, training_args)
+        history = trainer.train(resume_from_checkpoint=resume)
+    else:
+        trainer = build_trl(policy, tokenizer, scorer, train_prompts, rl_args, training_args)
+        history = trainer.train(resume_from_checkpoint=resume).metrics
+    trainer.save_model(training_args.output_dir)
+    if training_args.process_index == 0:
+        tokenizer.save_pretrained(training_args.output_dir)
+        save_chat_format(chat_format, training_args.output_dir)
+        final = history[-1] if isinstance(history, list) and history else (history or {})
+        write_results(training_args.output_dir, "train", {k: v for k, v in final.items() if isinstance(v, (int, float))})
+    return trainer
+
+
+def build_ppo(policy, tokenizer, scorer, train_prompts, stop_ids, model_args, lora_args, rl_args, ppo_args,
+              training_args) -> PPOTrainer:
+    """Our PPO: value model initialised from the reward model (or --value_model_name_or_path)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    value_path = rl_args.value_model_name_or_path or rl_args.reward_model_name_or_path
+    # a reward adapter is merged: its weights (head included) start the value model, which trains its own adapter
+    value_model = load_reward_model(value_path, rl_args.reward_base_model, tokenizer=tokenizer, merge=True,
+                                    model_args=ModelArguments(torch_dtype=model_args.torch_dtype,
+                                                              trust_remote_code=model_args.trust_remote_code))
+    value_model.requires_grad_(not lora_args.use_peft)
+    if lora_args.use_peft:
+        value_model = apply_lora(value_model, lora_args, task_type="SEQ_CLS", extra_modules_to_save=["score"])
+
+    def reward_fn(queries: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+        return scorer.score_ids([q + r for q, r in zip(queries, responses)])
+
+    n_micro = ppo_args.mini_batch_size // ppo_args.effective_micro_batch_size
+    plugin = DeepSpeedPlugin(hf_ds_config=training_args.deepspeed) if training_args.deepspeed else None
+    accelerator = Accelerator(cpu=training_args.use_cpu, gradient_accumulation_steps=n_micro,
+                              deepspeed_plugin=plugin, mixed_precision="bf16" if training_args.bf16 else "no")
+    return PPOTrainer(
+        policy, value_model, reward_fn, tokenizer, train_prompts, ppo_args,
+        stop_token_ids=stop_ids, output_dir=training_args.output_dir, seed=training_args.seed,
+        learning_rate=training_args.learning_rate, max_steps=training_args.max_steps if training_args.max_steps > 0 else None,
+        logging_steps=max(1, int(training_args.logging_steps)),
+        save_steps=int(training_args.save_steps) if training_args.save_strategy == "steps" else 0,
+        weight_decay=training_args.weight_decay, warmup_steps=int(training_args.warmup_steps),
+        lr_scheduler_type=str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
+        max_grad_norm=training_args.max_grad_norm, accelerator=accelerator,
+    )
+
+
+def build_trl(policy, tokenizer, scorer, train_prompts, rl_args, training_args):
+    """TRL's RLOO/GRPO with the same prompts and reward model (scores prompt ids + completion ids)."""
+    import datasets
+    from trl import GRPOTrainer, RLOOTrainer
+
+    texts = [tokenizer.decode(p) for p in train_prompts]
+    ids_by_text = dict(zip(texts, train_prompts))
+
+    def reward_model(prompts, completions, completion_ids, **kwargs) -> list[float]:
+        queries = [ids_by_text.get(p) or tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        return scorer.score_ids([q + list(c) for q, c in zip(queries, completion_ids)]).tolist()
+
+    reward_model.__name__ = "reward_model"
+    trainer_class = RLOOTrainer if rl_args.rl_algo == "rloo" else GRPOTrainer
+    return trainer_class(model=policy, reward_funcs=[reward_model], args=training_args,
+                         train_dataset=datasets.Dataset.from_dict({"prompt": texts}), processing_class=tokenizer)
+
+
+if __name__ == "__main__":
+    run_main(main)
