@@ -1,0 +1,110 @@
+"""Print the key metric of every pipeline stage and the models' answers to held-out questions, side by side.
+
+    python pipeline_summary.py --pipeline_dir outputs-pipeline --base_model models/SmolLM2-135M-Instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+from medtrain.errors import UserError, run_main
+
+
+def _json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _find(metrics: dict, *needles: str) -> float | None:
+    """The first metric whose name contains every needle (metric names differ slightly between trainers)."""
+    for key, value in metrics.items():
+        if all(n in key for n in needles) and isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def _log(pipeline_dir: str, stage: str) -> list[dict]:
+    return _json(os.path.join(pipeline_dir, stage, "trainer_state.json")).get("log_history", [])
+
+
+def stage_metrics(pipeline_dir: str) -> list[tuple[str, str]]:
+    """(stage, human-readable key metric) rows."""
+    rows = []
+    pt_evals = [e for e in _log(pipeline_dir, "pt") if "eval_loss" in e]
+    pt = _json(os.path.join(pipeline_dir, "pt", "eval_results.json"))
+    if pt:
+        before = f"{math.exp(pt_evals[0]['eval_loss']):.2f} -> " if pt_evals else ""
+        rows.append(("PT", f"held-out perplexity {before}{pt.get('perplexity', float('nan')):.2f}"))
+    sft = _json(os.path.join(pipeline_dir, "sft", "eval_results.json"))
+    if sft:
+        rows.append(("SFT", f"eval loss {sft['eval_loss']:.4f} (perplexity {math.exp(sft['eval_loss']):.2f})"))
+    rm = _json(os.path.join(pipeline_dir, "rm", "eval_results.json"))
+    if rm:
+        rows.append(("RM", f"held-out pairwise accuracy {_find(rm, 'accuracy'):.3f}, mean margin "
+                           f"{_find(rm, 'margin') or float('nan'):.3f}"))
+    dpo = _json(os.path.join(pipeline_dir, "dpo", "eval_results.json"))
+    if dpo:
+        rows.append(("DPO", f"held-out reward margin {_find(dpo, 'rewards/margins'):.4f}, preference accuracy "
+                            f"{_find(dpo, 'rewards/accuracies'):.3f}"))
+    ppo = [e for e in _log(pipeline_dir, "ppo") if "objective/score_mean" in e]
+    if ppo:
+        rows.append(("PPO", f"reward-model score {ppo[0]['objective/score_mean']:.3f} -> "
+                            f"{ppo[-1]['objective/score_mean']:.3f}, KL {ppo[-1]['objective/kl']:.4f} "
+                            f"({len(ppo)} updates)"))
+    return rows
+
+
+def answers(model_dir: str, questions: list[list[dict]], max_new_tokens: int) -> list[str]:
+    from inference import generate_responses
+    from medtrain.arguments import ModelArguments
+    from medtrain.chat_format import resolve_chat_format
+    from medtrain.modeling import load_model, load_tokenizer
+
+    args = ModelArguments(model_name_or_path=model_dir)
+    tokenizer = load_tokenizer(args, padding_side="left")
+    model = load_model(args).eval()
+    chat_format = resolve_chat_format(tokenizer, [model_dir], None, None)
+    return generate_responses(model, tokenizer, chat_format, questions, max_new_tokens=max_new_tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipeline_dir", required=True)
+    parser.add_argument("--base_model", required=True)
+    parser.add_argument("--questions", default="data/prompts/heldout_questions.jsonl")
+    parser.add_argument("--num_questions", type=int, default=4)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    args = parser.parse_args()
+    if not os.path.isdir(args.pipeline_dir):
+        raise UserError(f"--pipeline_dir {args.pipeline_dir}: no such directory")
+
+    print("\n" + "=" * 100 + "\nPIPELINE SUMMARY: key metric per stage\n" + "=" * 100)
+    for stage, text in stage_metrics(args.pipeline_dir):
+        print(f"{stage:>4}  {text}")
+
+    from medtrain.formats import load_prompts
+
+    prompts = load_prompts([args.questions])
+    # Alternate languages so a short summary shows both Chinese and English questions.
+    order = sorted(range(len(prompts)), key=lambda i: (i % (len(prompts) // 2 or 1), i))
+    prompts = [prompts[i] for i in order][: args.num_questions]
+    models = [("base", args.base_model)] + [
+        (name.upper(), os.path.join(args.pipeline_dir, f"{name}-merged")) for name in ("sft", "dpo", "ppo")
+    ]
+    outputs = {name: answers(path, [p["messages"] for p in prompts], args.max_new_tokens)
+               for name, path in models if os.path.isdir(path)}
+    print("\n" + "=" * 100 + "\nANSWERS TO HELD-OUT QUESTIONS (greedy, first "
+          f"{args.max_new_tokens} tokens)\n" + "=" * 100)
+    for i, prompt in enumerate(prompts):
+        print(f"\nQ{i + 1}: {prompt['messages'][-1]['content']}")
+        for name, replies in outputs.items():
+            print(f"  [{name:>4}] {' '.join(replies[i].split())}")
+
+
+if __name__ == "__main__":
+    run_main(main)
