@@ -108,7 +108,8 @@ def main(args: list[str] | None = None):
     dataclasses = [ModelArguments, LoraArguments, DataArguments, RunArguments, RLArguments, config_class]
     if config_class is TrainingArguments:
         dataclasses.insert(-1, PPOArguments)
-        parsed = parse_args(dataclasses, argv, stage_defaults={"output_dir": "outputs-ppo", "learning_rate": 1e-5})
+        parsed = parse_args(dataclasses, argv, stage_defaults={"output_dir": "outputs-ppo", "learning_rate": 1e-5,
+                                                                    "logging_steps": 1})
         model_args, lora_args, data_args, run_args, rl_args, ppo_args, training_args = parsed
     else:
         parsed = parse_args(dataclasses, argv, stage_defaults={"output_dir": "outputs-rl"})
@@ -122,11 +123,11 @@ def main(args: list[str] | None = None):
                                       data_args.system_prompt)
     logger.info("chat format: %s", chat_format.record())
 
-    # Reward model: same vocabulary and chat format as the policy
+    # Reward model (in the chat format it recorded at training time): same vocabulary and format as the policy
     scorer = load_reward_scorer(rl_args.reward_model_name_or_path, rl_args.reward_base_model,
                                 model_args=ModelArguments(torch_dtype=model_args.torch_dtype,
                                                           trust_remote_code=model_args.trust_remote_code),
-                                template_name=data_args.template_name, system_prompt=data_args.system_prompt)
+                                template_name=None, system_prompt=None)
     check_reward_model_matches(tokenizer, chat_format, scorer)
 
     # Prompts
@@ -175,9 +176,10 @@ def build_ppo(policy, tokenizer, scorer, train_prompts, stop_ids, model_args, lo
     def reward_fn(queries: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
         return scorer.score_ids([q + r for q, r in zip(queries, responses)])
 
-    n_micro = ppo_args.mini_batch_size // ppo_args.effective_micro_batch_size
     plugin = DeepSpeedPlugin(hf_ds_config=training_args.deepspeed) if training_args.deepspeed else None
-    accelerator = Accelerator(cpu=training_args.use_cpu, gradient_accumulation_steps=n_micro,
+    # cpu=True makes accelerate drop a DeepSpeed plugin silently, so it is only set without one.
+    accelerator = Accelerator(cpu=training_args.use_cpu and plugin is None,
+                              gradient_accumulation_steps=ppo_args.micro_batches_per_mini_batch,
                               deepspeed_plugin=plugin, mixed_precision="bf16" if training_args.bf16 else "no")
     return PPOTrainer(
         policy, value_model, reward_fn, tokenizer, train_prompts, ppo_args,
