@@ -18,20 +18,25 @@ from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, Run
 from medtrain.chat_format import get_chat_format, save_chat_format
 from medtrain.checkpoints import CompleteCheckpointCallback
 from medtrain.data import load_splits, log_first_sample, tokenize_conversations
+from medtrain.efficiency import EfficiencyArguments, count_tokens, plan_batches, resolve_neft_alpha, token_throughput
 from medtrain.errors import run_main
 from medtrain.formats import load_conversations
+from medtrain.fused_loss import EfficientSFTTrainer
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
+from medtrain.rope import save_rope_record
 from medtrain.runtime import perplexity, start_run, write_results
 
 logger = logging.getLogger("medtrain.sft")
 
 
 def main(args: list[str] | None = None) -> SFTTrainer:
-    model_args, lora_args, data_args, run_args, training_args = parse_args(
-        [ModelArguments, LoraArguments, DataArguments, RunArguments, SFTConfig], args,
-        stage_defaults={"output_dir": "outputs-sft", "do_train": True, "do_eval": True},
+    model_args, lora_args, data_args, efficiency_args, run_args, training_args = parse_args(
+        [ModelArguments, LoraArguments, DataArguments, EfficiencyArguments, RunArguments, SFTConfig], args,
+        stage_defaults={"output_dir": "outputs-sft", "do_train": True, "do_eval": True, "packing": True,
+                        "train_sampling_strategy": "group_by_length"},
     )
     check_arguments(model_args, lora_args, training_args)
+    neft_alpha = resolve_neft_alpha(efficiency_args.neft_alpha, training_args.neftune_noise_alpha)
     resume = start_run(training_args, run_args.overwrite_output_dir)
 
     # Tokenizer and the chat format (template or the tokenizer's own chat template)
@@ -49,22 +54,30 @@ def main(args: list[str] | None = None) -> SFTTrainer:
         train_dataset = tokenize_conversations(train_records, name="train", **encode)
         eval_dataset = tokenize_conversations(eval_records, name="eval", **encode) if eval_records else None
     log_first_sample(train_dataset, tokenizer)
+    tokens = count_tokens(train_dataset)  # per epoch, before packing: samples, tokens, supervised tokens
+    eval_samples = len(eval_dataset) if eval_dataset is not None else 0
 
-    # Model (+ LoRA adapter)
-    model = load_model(model_args, tokenizer=tokenizer)
+    # Model (+ LoRA adapter); rope scaling / S2-Attn from the flags
+    model = load_model(model_args, tokenizer=tokenizer, max_length=data_args.model_max_length)
+    # Batches: packed rows with attention per sequence where exact (see medtrain.efficiency), else padded
+    training_args.max_length = data_args.model_max_length
+    training_args.dataset_num_proc = data_args.preprocessing_num_workers
+    plan = plan_batches(model, training_args, neft_alpha, tokenizer.pad_token_id)
+    logger.info("batches: %s", plan.describe())
+    train_dataset = plan.prepare(train_dataset, data_args.model_max_length)
+    eval_dataset = plan.prepare(eval_dataset, data_args.model_max_length)
     if lora_args.use_peft:
         model = apply_lora(model, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
 
-    # Trainer: the data is already tokenised and truncated, so TRL only pads (or packs) it
-    training_args.max_length = data_args.model_max_length
-    training_args.dataset_num_proc = data_args.preprocessing_num_workers
-    trainer = SFTTrainer(
+    # Trainer: the data is already tokenised and truncated, so TRL only pads it
+    trainer = EfficientSFTTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        callbacks=[CompleteCheckpointCallback()],
+        data_collator=plan.collator,
+        callbacks=[CompleteCheckpointCallback(), *plan.callbacks],
     )
 
     # Train, save, evaluate
@@ -74,13 +87,16 @@ def main(args: list[str] | None = None) -> SFTTrainer:
         trainer.save_state()
         if trainer.is_world_process_zero():
             save_chat_format(chat_format, training_args.output_dir)
-            metrics = dict(result.metrics, train_samples=len(train_dataset))
+            throughput = token_throughput(tokens, trainer.state.epoch, result.metrics["train_runtime"])
+            metrics = dict(result.metrics, train_samples=tokens["samples"], **throughput)
+            if lora_args.use_peft:
+                save_rope_record(trainer.model, training_args.output_dir)
             trainer.save_metrics("train", metrics)
             write_results(training_args.output_dir, "train", metrics)
     if training_args.do_eval and eval_dataset is not None:
         metrics = trainer.evaluate()
         metrics["perplexity"] = perplexity(metrics["eval_loss"])
-        metrics["eval_samples"] = len(eval_dataset)
+        metrics["eval_samples"] = eval_samples
         trainer.log_metrics("eval", metrics)
         if trainer.is_world_process_zero():
             trainer.save_metrics("eval", metrics)

@@ -58,9 +58,39 @@ class ModelArguments:
         metadata={"help": "Attention kernel; default sdpa.", "choices": [None, "eager", "sdpa", "flash_attention_2", "flex_attention"]},
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models."})
+    rope_scaling: str | None = field(
+        default=None,
+        metadata={
+            "help": "Stretch RoPE to train past the model's context: 'linear' (position interpolation) or 'dynamic' "
+            "(NTK). Factor = --model_max_length / the model's max_position_embeddings unless --rope_scaling_factor. "
+            "Saved in config.json, so inference uses it.",
+            "choices": [None, "linear", "dynamic"],
+        },
+    )
+    rope_scaling_factor: float | None = field(
+        default=None, metadata={"help": "Explicit RoPE scaling factor (>= 1) for --rope_scaling."}
+    )
+    shift_attn: bool = field(
+        default=False,
+        metadata={"help": "LongLoRA shifted sparse attention (S2-Attn) while training Llama/Qwen2-family models: "
+                  "attention within token groups, half the heads shifted by half a group; full attention at inference."},
+    )
+    shift_attn_ratio: float = field(
+        default=0.25, metadata={"help": "S2-Attn group size as a fraction of the sequence length."}
+    )
 
     def __post_init__(self) -> None:
         problems = []
+        if self.rope_scaling not in (None, "linear", "dynamic"):
+            problems.append(f"--rope_scaling {self.rope_scaling}: choose linear or dynamic.")
+        if self.rope_scaling_factor is not None and self.rope_scaling is None:
+            problems.append("--rope_scaling_factor needs --rope_scaling linear|dynamic.")
+        if self.rope_scaling_factor is not None and self.rope_scaling_factor < 1.0:
+            problems.append(f"--rope_scaling_factor must be >= 1, got {self.rope_scaling_factor}.")
+        if not 0.0 < self.shift_attn_ratio <= 1.0:
+            problems.append(f"--shift_attn_ratio must be in (0, 1], got {self.shift_attn_ratio}.")
+        if self.shift_attn and (self.flash_attn or self.attn_implementation not in (None, "sdpa", "eager")):
+            problems.append("--shift_attn runs its own grouped attention on sdpa: drop --flash_attn/--attn_implementation.")
         if self.load_in_4bit and self.load_in_8bit:
             problems.append("--load_in_4bit and --load_in_8bit are mutually exclusive: pick one.")
         if self.qlora and not self.load_in_4bit:
@@ -192,6 +222,16 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _is_optional_bool(annotation: Any) -> bool:
+    import types
+    import typing
+
+    if isinstance(annotation, str):
+        return annotation.replace(" ", "") in ("bool|None", "None|bool", "Optional[bool]", "typing.Optional[bool]")
+    origin = typing.get_origin(annotation)
+    return origin in (typing.Union, types.UnionType) and set(typing.get_args(annotation)) == {bool, type(None)}
+
+
 def _file_args(path: str) -> dict[str, Any]:
     """Read a .json/.yaml file of arguments."""
     try:
@@ -214,11 +254,19 @@ def parse_args(dataclass_types: list[type], args: list[str] | None = None, stage
 
     Fields that several dataclasses declare (e.g. ``trust_remote_code`` in ModelArguments and TRL's configs) become
     one flag whose value every dataclass receives. On a machine without CUDA, ``use_cpu`` defaults to True (without
-    it torchrun on CPU silently trains each rank alone) and bf16/gradient checkpointing default off.
+    it torchrun on CPU silently trains each rank alone) and bf16/gradient checkpointing default off. With
+    ``--deepspeed`` on CPU under torchrun, DeepSpeed's communication layer is started on the gloo group here, before
+    any model is loaded (ZeRO-3 partitions weights while loading; see medtrain.distributed.start_deepspeed_comm).
     """
     args = list(sys.argv[1:] if args is None else args)
     parser = HfArgumentParser(dataclass_types, conflict_handler="resolve")
     known = {f.name for dc in dataclass_types for f in fields(dc) if f.init}
+    # TRL declares switches such as bf16 as `bool | None`, for which HfArgumentParser wants a value ("--bf16 True");
+    # accept the bare flag ("--bf16") as for every other boolean switch.
+    optional_bools = {f.name for dc in dataclass_types for f in fields(dc) if f.init and _is_optional_bool(f.type)}
+    for action in parser._actions:
+        if action.dest in optional_bools and action.option_strings and action.nargs is None:
+            action.nargs, action.const = "?", True
     defaults: dict[str, Any] = {}
     if not _cuda_available():
         # TRL configs default bf16 and gradient checkpointing on (STACK-NOTES trap 2). None lets transformers resolve
@@ -247,6 +295,13 @@ def parse_args(dataclass_types: list[type], args: list[str] | None = None, stage
         raise ConfigError(f"unknown flag(s) {' '.join(unknown_flags)}. Check the spelling: `--help` lists every flag.")
     # Unlike HfArgumentParser.parse_args_into_dataclasses, a field shared by several dataclasses goes to each.
     values = vars(namespace)
+    if isinstance(values.get("deepspeed"), str) and values["deepspeed"]:
+        from .distributed import read_deepspeed_config
+
+        read_deepspeed_config(values["deepspeed"])  # a missing/bad file is one clear error, not TrainingArguments'
+        from .distributed import default_single_process_env
+
+        default_single_process_env()  # `python script.py --deepspeed ...` runs as torchrun --nproc_per_node 1 would
     parsed = []
     for dataclass_type in dataclass_types:
         names = {f.name for f in fields(dataclass_type) if f.init}
@@ -255,45 +310,37 @@ def parse_args(dataclass_types: list[type], args: list[str] | None = None, stage
         except ConfigError:
             raise
         except (ValueError, TypeError) as err:
-            raise ConfigError(str(err).splitlines()[0]) from None
+            lines = [line for line in str(err).splitlines() if line.strip()]
+            # transformers lists DeepSpeed values that contradict the flags one per line: keep them all
+            keep = lines if "DeepSpeed config values" in lines[0] else lines[:1]
+            raise ConfigError(" ".join(keep)) from None
+    for instance in parsed:
+        if hasattr(instance, "use_cpu") and hasattr(instance, "deepspeed"):
+            from .distributed import start_deepspeed_comm
+
+            start_deepspeed_comm(instance)
     return parsed
 
 
 def check_arguments(model_args: ModelArguments, lora_args: LoraArguments, training_args: Any) -> None:
-    """Refuse flag combinations that cannot work, all problems at once, before anything is loaded or written."""
+    """Refuse flag combinations that cannot work, all problems at once, before anything is loaded or written.
+
+    Launch, DeepSpeed and precision rules live in :func:`medtrain.distributed.distributed_problems`.
+    """
+    from .distributed import distributed_problems
+
     problems = []
     cuda = _cuda_available()
-    deepspeed = getattr(training_args, "deepspeed", None)
-    zero3 = False
-    if deepspeed:
-        config = deepspeed if isinstance(deepspeed, dict) else None
-        if config is None:
-            try:
-                with open(deepspeed, encoding="utf-8") as fh:
-                    config = json.load(fh)
-            except (OSError, ValueError) as err:
-                problems.append(f"--deepspeed {deepspeed}: cannot read the DeepSpeed config: {err}")
-                config = {}
-        zero3 = int(config.get("zero_optimization", {}).get("stage", 0) or 0) == 3
     if model_args.quantized and not lora_args.use_peft:
         problems.append("--load_in_4bit/--load_in_8bit train through LoRA only: drop --use_peft False or the quantization.")
-    if model_args.quantized and zero3:
-        problems.append("quantized weights (--load_in_4bit/--load_in_8bit) cannot be sharded by DeepSpeed ZeRO-3: use ZeRO-2.")
-    if model_args.attn_implementation == "flash_attention_2":
-        if not cuda:
-            problems.append("--flash_attn needs a CUDA GPU; on CPU leave it off (sdpa is used).")
-        else:
-            import importlib.util
+    device_count = 0
+    if cuda:
+        import torch
 
-            if importlib.util.find_spec("flash_attn") is None:
-                problems.append("--flash_attn needs the flash-attn package: pip install flash-attn --no-build-isolation.")
-    if not cuda:
-        if getattr(training_args, "fp16", False):
-            problems.append("--fp16 needs a CUDA GPU; on CPU use float32 (default) or --bf16.")
-        if model_args.torch_dtype == "float16":
-            problems.append("--torch_dtype float16 is not supported for training on CPU: use float32 or bfloat16.")
-        if not getattr(training_args, "use_cpu", True):
-            problems.append("--use_cpu False on a machine without a GPU: leave use_cpu on (see README, distributed).")
+        device_count = torch.cuda.device_count()
+    problems.extend(distributed_problems(model_args, lora_args, training_args, cuda=cuda, device_count=device_count))
+    if not cuda and not getattr(training_args, "use_cpu", True):
+        problems.append("--use_cpu False on a machine without a GPU: leave use_cpu on (see README, distributed).")
     if lora_args.peft_path and not lora_args.use_peft:
         problems.append("--peft_path continues a LoRA adapter: it needs --use_peft True.")
     if problems:

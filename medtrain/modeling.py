@@ -9,7 +9,9 @@ from typing import Any
 import torch
 
 from .arguments import LoraArguments, ModelArguments
+from .attention import enable_shift_attn
 from .errors import ConfigError, UserError
+from .rope import apply_rope_scaling
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +74,14 @@ def distributed_world_size() -> int:
 
 
 def load_model(
-    model_args: ModelArguments, auto_class: Any = None, tokenizer: Any = None, **extra: Any
+    model_args: ModelArguments, auto_class: Any = None, tokenizer: Any = None, max_length: int | None = None,
+    **extra: Any,
 ) -> Any:
     """Load ``auto_class`` (default AutoModelForCausalLM) from ``--model_name_or_path``.
 
     Quantized weights on a single GPU go through ``device_map``; under DDP/DeepSpeed each rank loads to its own
-    device and Trainer places it (device_map and DDP must never be combined).
+    device and Trainer places it (device_map and DDP must never be combined). ``max_length`` (the training length)
+    derives the ``--rope_scaling`` factor; ``--shift_attn`` switches attention to S2-Attn.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -99,6 +103,7 @@ def load_model(
     kwargs.update(extra)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir)
+        apply_rope_scaling(config, model_args.rope_scaling, max_length, model_args.rope_scaling_factor)
         model = auto_class.from_pretrained(path, config=config, **kwargs)
     except ImportError as err:
         raise UserError(f"cannot load {path}: {err}") from None
@@ -110,6 +115,9 @@ def load_model(
             model.config.pad_token_id = tokenizer.pad_token_id
     if quant is not None:
         fix_bnb_cpu_training(model)
+    if model_args.shift_attn:
+        layers = enable_shift_attn(model, model_args.shift_attn_ratio)
+        logger.info("S2-Attn on %d attention layers (group ratio %s, training only)", layers, model_args.shift_attn_ratio)
     return model
 
 

@@ -50,23 +50,33 @@ def prepare_output_dir(training_args: Any, overwrite_output_dir: bool = False) -
 
 
 def describe_environment(training_args: Any) -> dict:
-    """What this launch uses: ranks, backend, device, precision, DeepSpeed."""
+    """What this launch uses: ranks and nodes, backend, device, precision, DeepSpeed stage, global batch."""
     import torch
 
+    from .distributed import local_world_size_from_env, read_deepspeed_config, summarize_deepspeed
+
+    world_size = training_args.world_size
+    deepspeed = training_args.deepspeed
+    zero_stage = summarize_deepspeed(read_deepspeed_config(deepspeed)).stage if deepspeed else None
     info = {
-        "world_size": training_args.world_size,
+        "world_size": world_size,
         "process_index": training_args.process_index,
         "local_rank": training_args.local_process_index,
+        # torchrun sets GROUP_RANK to the node rank; nodes = world / processes per node
+        "nnodes": max(1, world_size // max(1, local_world_size_from_env())),
+        "node_rank": int(os.environ.get("GROUP_RANK", "0") or 0),
+        "master": f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '')}" if "MASTER_ADDR" in os.environ else None,
         "device": str(training_args.device),
         "backend": (torch.distributed.get_backend() if torch.distributed.is_available() and torch.distributed.is_initialized() else None),
         "use_cpu": training_args.use_cpu,
         "bf16": training_args.bf16,
         "fp16": training_args.fp16,
-        "deepspeed": training_args.deepspeed,
+        "deepspeed": deepspeed,
+        "zero_stage": zero_stage,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
         "global_batch_size": training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps * training_args.world_size,
+        * training_args.gradient_accumulation_steps * world_size,
     }
     logger.info("environment: %s", json.dumps(info))
     return info

@@ -1,0 +1,105 @@
+"""Direct preference optimization (DPO and every loss variant TRL offers) with LoRA, QLoRA or full training.
+
+    python dpo_training.py --model_name_or_path outputs-sft-merged --train_file_dir data/reward \
+        --validation_split_percentage 10 --output_dir outputs-dpo --learning_rate 5e-5
+    python dpo_training.py dpo_config.yaml --beta 0.2 --loss_type ipo   # a file of arguments, flags override
+
+Every DPOConfig option is a flag (``--help`` lists them). Pairs use the reward-model stage's formats and are rendered
+with the same chat format as SFT: the prompt (system prompt and history included) up to the assistant header, and
+each reply with its end-of-turn token. Pairs longer than ``--model_max_length`` tokens lose prompt tokens from the
+left or are dropped (``--truncation left|drop``); the counts are logged. With LoRA the reference is the base model
+with the adapter disabled; with full training, a frozen copy (or ``--ref_model_name_or_path``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from trl import DPOConfig
+
+from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, check_arguments, parse_args
+from medtrain.chat_format import resolve_chat_format, save_chat_format
+from medtrain.checkpoints import CompleteCheckpointCallback
+from medtrain.data import load_splits
+from medtrain.dpo import (
+    DPOArguments,
+    build_trainer,
+    check_dpo_arguments,
+    check_router_aux_loss,
+    describe_pair,
+    encode_preference_dataset,
+    evaluate_once,
+    load_reference_model,
+)
+from medtrain.errors import run_main
+from medtrain.formats import load_preferences
+from medtrain.modeling import apply_lora, load_model, load_tokenizer
+from medtrain.runtime import describe_environment, prepare_output_dir, setup_logging, write_results
+
+logger = logging.getLogger("medtrain.dpo")
+
+
+def main(args: list[str] | None = None):
+    """Run DPO from command-line ``args`` (default: sys.argv); returns the trainer."""
+    model_args, lora_args, data_args, dpo_args, run_args, training_args = parse_args(
+        [ModelArguments, LoraArguments, DataArguments, DPOArguments, RunArguments, DPOConfig],
+        args=args,
+        # max_length None: --model_max_length governs; a differing --max_length is refused by check_dpo_arguments.
+        stage_defaults={"output_dir": "outputs-dpo", "do_train": True, "do_eval": True, "max_length": None},
+    )
+    check_arguments(model_args, lora_args, training_args)
+    check_dpo_arguments(model_args, lora_args, data_args, dpo_args, training_args)
+    training_args.max_length = data_args.model_max_length
+    setup_logging(training_args)
+    resume = prepare_output_dir(training_args, run_args.overwrite_output_dir)
+    describe_environment(training_args)
+
+    # Tokenizer and chat format (the one SFT recorded next to the model, unless --template_name says otherwise)
+    tokenizer = load_tokenizer(model_args)
+    chat_format = resolve_chat_format(tokenizer, [model_args.model_name_or_path], data_args.template_name,
+                                      data_args.system_prompt)
+    logger.info("chat format: %s", chat_format.record())
+
+    # Data: preference pairs -> prompt_ids / chosen_ids / rejected_ids fitted to --model_max_length
+    with training_args.main_process_first(desc="tokenizing"):
+        train_records, eval_records = load_splits(
+            data_args, load_preferences, seed=training_args.seed, report_dir=training_args.output_dir
+        )
+        encode = dict(tokenizer=tokenizer, chat_format=chat_format, max_length=data_args.model_max_length,
+                      truncation=dpo_args.truncation)
+        train_dataset = encode_preference_dataset(train_records, name="train", **encode)
+        eval_dataset = encode_preference_dataset(eval_records, name="eval", **encode) if eval_records else None
+    logger.info("first train pair\n%s", describe_pair(tokenizer, train_dataset[0]))
+
+    # Policy (+ LoRA adapter) and reference
+    model = load_model(model_args, tokenizer=tokenizer)
+    check_router_aux_loss(model, training_args)
+    ref_model = load_reference_model(model, model_args, lora_args, dpo_args, training_args, tokenizer)
+    if lora_args.use_peft:
+        model = apply_lora(model, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
+
+    trainer = build_trainer(model, ref_model, training_args, train_dataset, eval_dataset, tokenizer, lora_args,
+                            callbacks=[CompleteCheckpointCallback()])
+
+    # Train, save, evaluate (rewards/*, logps/* are in the logs, tensorboard and the eval results)
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(training_args.output_dir)
+        trainer.save_state()
+        if trainer.is_world_process_zero():
+            save_chat_format(chat_format, training_args.output_dir)
+            metrics = dict(result.metrics, train_samples=len(train_dataset))
+            trainer.save_metrics("train", metrics)
+            write_results(training_args.output_dir, "train", metrics)
+    if training_args.do_eval and eval_dataset is not None:
+        metrics = evaluate_once(trainer)
+        metrics["eval_samples"] = len(eval_dataset)
+        trainer.log_metrics("eval", metrics)
+        if trainer.is_world_process_zero():
+            trainer.save_metrics("eval", metrics)
+            write_results(training_args.output_dir, "eval", metrics)
+    return trainer
+
+
+if __name__ == "__main__":
+    run_main(main)

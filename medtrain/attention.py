@@ -1,0 +1,213 @@
+"""LongLoRA's shifted sparse attention (S2-Attn, ``--shift_attn``), registered as a transformers attention function.
+
+During training each sequence of length L is split into groups of ``G = ceil(ratio * L)`` tokens and attention runs
+inside each group only (cost L*G instead of L^2). Half of the heads see groups shifted by G/2, so information flows
+between neighbouring groups. In eval mode (``model.eval()``: evaluation, generation, inference) the model attends over
+the full sequence with plain sdpa, as LongLoRA prescribes.
+
+It is registered through transformers' ``AttentionInterface`` (no modeling file is patched): the model runs with
+``attn_implementation="s2_sdpa"`` and the usual sdpa masks, so padding and packed sequences (block masks built from
+``position_ids``) are honoured inside every group.
+
+One deliberate difference from the reference code: the shifted heads roll the sequence, so their last group holds the
+last G/2 tokens followed by the first G/2. The reference applies a plain causal mask there, which lets the first tokens
+attend to the last ones (future tokens). Here every group is masked by the tokens' original positions, so attention
+is strictly causal.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+S2_ATTENTION = "s2_sdpa"
+# Decoder families whose attention modules call the attention interface with (batch, heads, seq, dim) tensors.
+S2_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+
+
+def group_size(seq_len: int, ratio: float) -> int:
+    """Tokens per group for a sequence of ``seq_len`` tokens: ``ceil(ratio * seq_len)``, at least 1."""
+    return max(1, min(seq_len, math.ceil(ratio * seq_len)))
+
+
+def group_orders(seq_len: int, size: int, shifted: bool, device: torch.device) -> torch.Tensor:
+    """Original token index at each slot of the groups, shape (n_groups, size); indexes >= seq_len are padding.
+
+    Unshifted groups are consecutive; shifted ones start G/2 tokens later and the last one wraps around.
+    """
+    n_groups = math.ceil(seq_len / size)
+    order = torch.arange(n_groups * size, device=device)
+    if shifted:
+        order = order.roll(-(size // 2))
+    return order.view(n_groups, size)
+
+
+def _allowed(order: torch.Tensor, seq_len: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Boolean mask (batch or 1, n_groups, G, G): key k visible to query q inside each group."""
+    q_pos, k_pos = order[:, :, None], order[:, None, :]
+    allowed = (k_pos <= q_pos) & (k_pos < seq_len)  # causal by original position; padding keys hidden
+    allowed = allowed[None]
+    if attention_mask is not None:
+        mask = attention_mask[:, 0]
+        if mask.dtype != torch.bool:  # additive float mask: 0 = visible
+            mask = mask == 0
+        padded = order.numel()
+        if padded > seq_len:
+            mask = F.pad(mask, (0, padded - seq_len, 0, padded - seq_len), value=False)
+        allowed = allowed & mask[:, q_pos, k_pos]
+    # A query that sees nothing (a padding slot or padding token) sees itself, so softmax never divides by zero.
+    eye = torch.eye(order.shape[1], dtype=torch.bool, device=order.device)
+    return allowed | (~allowed.any(-1, keepdim=True) & eye)
+
+
+def _grouped_attention(query, key, value, order, seq_len, attention_mask, dropout, scaling):
+    """Attention of (B, h, Lp, D) tensors inside the groups given by ``order``; output in original token order."""
+    batch, heads, _, dim = query.shape
+    n_groups, size = order.shape
+    flat = order.reshape(-1)
+
+    def to_groups(x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, flat].view(batch, heads, n_groups, size, x.shape[-1])
+        return x.transpose(1, 2).reshape(batch * n_groups, heads, size, x.shape[-1])
+
+    allowed = _allowed(order, seq_len, attention_mask).expand(batch, -1, -1, -1)
+    out = F.scaled_dot_product_attention(
+        to_groups(query), to_groups(key), to_groups(value),
+        attn_mask=allowed.reshape(batch * n_groups, 1, size, size), dropout_p=dropout, scale=scaling,
+    )
+    out = out.view(batch, n_groups, heads, size, dim).transpose(1, 2).reshape(batch, heads, n_groups * size, dim)
+    return out[:, :, torch.argsort(flat)]
+
+
+def s2_attention_forward(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """S2-Attn in training, plain sdpa otherwise. Tensors are (batch, heads, seq, head_dim); returns (B, L, H, D)."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    ratio = getattr(module, "shift_attn_ratio", None)
+    seq_len = query.shape[2]
+    if not module.training or ratio is None or seq_len != key.shape[2] or seq_len < 2:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    heads = query.shape[1]
+    key = repeat_kv(key, heads // key.shape[1])
+    value = repeat_kv(value, heads // value.shape[1])
+    size = group_size(seq_len, ratio)
+    padded = math.ceil(seq_len / size) * size
+    if padded > seq_len:
+        query, key, value = (F.pad(x, (0, 0, 0, padded - seq_len)) for x in (query, key, value))
+    half = heads // 2  # heads [half:] see shifted groups, as in LongLoRA
+    outputs = []
+    for sl, shifted in ((slice(0, half), False), (slice(half, heads), True)):
+        if sl.start == sl.stop:
+            continue
+        order = group_orders(seq_len, size, shifted, query.device)
+        outputs.append(_grouped_attention(query[:, sl], key[:, sl], value[:, sl], order, seq_len, attention_mask,
+                                          dropout, scaling))
+    out = torch.cat(outputs, dim=1)[:, :, :seq_len]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_s2_attention() -> str:
+    """Register ``s2_sdpa`` (attention function + sdpa masks) with transformers; idempotent. Returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(S2_ATTENTION, s2_attention_forward)
+    AttentionMaskInterface.register(S2_ATTENTION, sdpa_mask)
+    return S2_ATTENTION
+
+
+def enable_shift_attn(model: Any, ratio: float) -> int:
+    """Switch ``model`` (before LoRA wrapping) to S2-Attn with group ``ratio``; returns the number of attention layers.
+
+    Refuses models outside the Llama/Qwen2 families and attention kernels other than sdpa (FlashAttention-2 runs the
+    whole sequence; S2-Attn brings its own grouping).
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise ConfigError(f"--shift_attn_ratio must be in (0, 1], got {ratio}.")
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in S2_MODEL_TYPES:
+        raise ConfigError(f"--shift_attn supports {', '.join(S2_MODEL_TYPES)} models; this one is {model_type!r}.")
+    current = getattr(model.config, "_attn_implementation", None)
+    if current not in ("sdpa", "eager", S2_ATTENTION):
+        raise ConfigError(f"--shift_attn runs on sdpa; drop --attn_implementation {current} / --flash_attn.")
+    model.set_attn_implementation(register_s2_attention())
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "o_proj") and hasattr(module, "q_proj"):
+            module.shift_attn_ratio = ratio
+            count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-sequence attention for packed rows
+
+
+VARLEN_ATTENTION = "varlen_sdpa"
+
+
+def packed_segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """(start, end) of each sequence in every row, split where ``position_ids`` do not go up by one."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    width = position_ids.shape[1]
+    rows = []
+    for row in starts.tolist():
+        cuts = [i for i, start in enumerate(row) if start] + [width]
+        rows.append(list(zip(cuts[:-1], cuts[1:])))
+    return rows
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+    position_ids: torch.Tensor | None = None, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal sdpa run separately on each packed sequence of each row (like FlashAttention's varlen kernels).
+
+    A packed row of sequences of lengths l_i then costs sum(l_i^2 / 2) instead of L^2 with a block mask, and no
+    (batch, L, L) mask is read. The sequence boundaries are taken from ``position_ids`` alone, as transformers does
+    for FlashAttention, so this path runs in training mode only, where rows come from our packing collator without
+    a padding mask. Everything else (rows without restarting positions, evaluation, generation with left padding)
+    goes to plain sdpa with the usual mask, which honours packed rows too.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seq_len = query.shape[2]
+    segments = None
+    if (module.training and position_ids is not None and seq_len > 1 and key.shape[2] == seq_len
+            and position_ids.shape[-1] == seq_len):
+        segments = packed_segments(position_ids.expand(query.shape[0], -1))
+        if all(len(row) == 1 for row in segments):
+            segments = None
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      position_ids=position_ids, **kwargs)
+    # enable_gqa reads the shared key/value heads in place: no repeated copies kept for backward
+    gqa = query.shape[1] != key.shape[1]
+    out = query.new_empty(query.shape[0], seq_len, query.shape[1], value.shape[-1])  # (B, L, H, D), filled below
+    for b, row in enumerate(segments):
+        for s, e in row:
+            out[b, s:e] = F.scaled_dot_product_attention(
+                query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], dropout_p=dropout,
+                scale=scaling, is_causal=e - s > 1, enable_gqa=gqa,
+            )[0].transpose(0, 1)
+    return out, None
+
+
+def register_varlen_attention() -> str:
+    """Register ``varlen_sdpa`` (attention function + sdpa masks) with transformers; idempotent. Returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
+    return VARLEN_ATTENTION
