@@ -143,7 +143,7 @@ def test_torchrun_two_processes_is_really_distributed(tiny_model_dir, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            str(ROOT / "supervised_finetuning.py"),
-           *sft_args(tiny_model_dir, data, out, "--per_device_train_batch_size", "1", "--num_train_epochs", "1",
+           *sft_args(tiny_model_dir, data, out, "--per_device_train_batch_size", "1", "--num_train_epochs", "1", "--packing", "False",
                      "--template_name", "chatml")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
