@@ -53,9 +53,11 @@ def stage_metrics(pipeline_dir: str) -> list[tuple[str, str]]:
                             f"{_find(dpo, 'rewards/accuracies'):.3f}"))
     ppo = [e for e in _log(pipeline_dir, "ppo") if "objective/score_mean" in e]
     if ppo:
-        rows.append(("PPO", f"reward-model score {ppo[0]['objective/score_mean']:.3f} -> "
-                            f"{ppo[-1]['objective/score_mean']:.3f}, KL {ppo[-1]['objective/kl']:.4f} "
-                            f"({len(ppo)} updates)"))
+        scores = [e["objective/score_mean"] for e in ppo]
+        # each update samples other prompts, so single updates are noisy: show first, last and mean
+        rows.append(("PPO", f"reward-model score per update: first {scores[0]:.3f}, last {scores[-1]:.3f}, mean "
+                            f"{sum(scores) / len(scores):.3f}; KL last {ppo[-1]['objective/kl']:.4f}, max "
+                            f"{max(e['objective/kl'] for e in ppo):.4f} ({len(ppo)} updates)"))
     return rows
 
 

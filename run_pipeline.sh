@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct}
 OUT=${PIPELINE_DIR:-outputs-pipeline}
-MAX_LEN=${MAX_LEN:-384}
+MAX_LEN=${MAX_LEN:-256}
 export MASTER_PORT=${MASTER_PORT:-29517}
 
 if [ "$MODEL" = "models/SmolLM2-135M-Instruct" ] && [ ! -f "$MODEL/config.json" ]; then
@@ -29,29 +29,29 @@ common=(--report_to tensorboard --save_strategy no --eval_strategy no --logging_
 
 stage "1/8 continued pretraining (PT) on data/pretrain"
 MODEL=$MODEL DATA=data/pretrain OUTPUT_DIR=$OUT/pt bash run_pt.sh "${common[@]}" \
-  --max_steps "${PT_STEPS:-20}" --block_size "$MAX_LEN" --eval_on_start True --learning_rate 2e-4
+  --max_steps "${PT_STEPS:-12}" --block_size "$MAX_LEN" --eval_on_start True --learning_rate 2e-4
 stage "2/8 merge PT adapter"
 merge "$MODEL" "$OUT/pt" "$OUT/pt-merged"
 
 stage "3/8 supervised fine-tuning (SFT) on data/sft"
 MODEL=$OUT/pt-merged DATA=data/sft OUTPUT_DIR=$OUT/sft bash run_sft.sh "${common[@]}" \
-  --max_steps "${SFT_STEPS:-30}" --model_max_length "$MAX_LEN"
+  --max_steps "${SFT_STEPS:-16}" --model_max_length "$MAX_LEN"
 stage "4/8 merge SFT adapter"
 merge "$OUT/pt-merged" "$OUT/sft" "$OUT/sft-merged"
 
 stage "5/8 reward model (RM) on data/reward"
 MODEL=$OUT/sft-merged DATA=data/reward OUTPUT_DIR=$OUT/rm bash run_rm.sh "${common[@]}" \
-  --max_steps "${RM_STEPS:-30}" --model_max_length "$MAX_LEN"
+  --max_steps "${RM_STEPS:-12}" --model_max_length "$MAX_LEN"
 
 stage "6/8 PPO: SFT policy against the reward model, then merge"
 MODEL=$OUT/sft-merged REWARD_MODEL=$OUT/rm DATA=data/sft OUTPUT_DIR=$OUT/ppo bash run_ppo.sh \
-  --report_to tensorboard --save_strategy no --max_steps "${PPO_STEPS:-6}" --max_new_tokens 32 \
+  --report_to tensorboard --save_strategy no --max_steps "${PPO_STEPS:-4}" --max_new_tokens 24 \
   --rollout_batch_size 4 --num_mini_batches 2
 merge "$OUT/sft-merged" "$OUT/ppo" "$OUT/ppo-merged"
 
 stage "7/8 DPO from the SFT model on data/reward, then merge"
 MODEL=$OUT/sft-merged DATA=data/reward OUTPUT_DIR=$OUT/dpo bash run_dpo.sh "${common[@]}" \
-  --max_steps "${DPO_STEPS:-20}" --model_max_length "$MAX_LEN"
+  --max_steps "${DPO_STEPS:-8}" --model_max_length "$MAX_LEN"
 merge "$OUT/sft-merged" "$OUT/dpo" "$OUT/dpo-merged"
 
 stage "8/8 summary"

@@ -175,6 +175,10 @@ def apply_lora(model: Any, lora_args: LoraArguments, task_type: str = "CAUSAL_LM
             lora_dropout=lora_args.lora_dropout,
             target_modules="all-linear" if targets == "all" else targets,
             modules_to_save=modules_to_save or None,
+            # Tied input/output embeddings (SmolLM2) trained via modules_to_save must stay one weight, or the merge
+            # into the tied base silently loses the trained lm_head.
+            ensure_weight_tying=bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+            and bool(modules_to_save),
         )
         try:
             model = get_peft_model(model, config)
