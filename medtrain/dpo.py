@@ -245,7 +245,10 @@ def load_reference_model(model: Any, model_args: ModelArguments, lora_args: Lora
         logger.info("reference model: none kept; reference log-probs are precomputed by the starting model")
         return None
     else:
-        ref_model = copy.deepcopy(model)
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        # A deepcopy of ZeRO-3-partitioned weights has empty shards: load the starting model again instead.
+        ref_model = load_model(model_args, tokenizer=tokenizer) if is_deepspeed_zero3_enabled() else copy.deepcopy(model)
         logger.info("reference model: a frozen copy of the starting model")
     ref_model.requires_grad_(False)
     ref_model.eval()

@@ -168,8 +168,6 @@ def test_other_stages_zero2_and_zero3_match_one_process_and_reload(tiny_dir, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="medtrain/dpo.py deep-copies the ZeRO-3-partitioned policy as the reference "
-                   "(empty shards); it must load the starting model again under ZeRO-3")
 def test_dpo_zero3_full_training_with_a_frozen_reference(tiny_dir, tmp_path):  # noqa: F811
     runs = run_zero(tmp_path, tiny_dir, "dpo", {"zero3": ZERO3}, "--use_peft", "False")
     check_run(tmp_path, tiny_dir, "dpo", "zero3", runs["zero3"], 3, runs["ref"])
