@@ -34,7 +34,7 @@ from medtrain.dpo import (
 from medtrain.errors import run_main
 from medtrain.formats import load_preferences
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
-from medtrain.runtime import describe_environment, prepare_output_dir, setup_logging, write_results
+from medtrain.runtime import start_run, write_results
 
 logger = logging.getLogger("medtrain.dpo")
 
@@ -50,9 +50,8 @@ def main(args: list[str] | None = None):
     check_arguments(model_args, lora_args, training_args)
     check_dpo_arguments(model_args, lora_args, data_args, dpo_args, training_args)
     training_args.max_length = data_args.model_max_length
-    setup_logging(training_args)
-    resume = prepare_output_dir(training_args, run_args.overwrite_output_dir)
-    describe_environment(training_args)
+    # seeds before the LoRA adapter is built, so a run and its resume start from the same adapter
+    resume = start_run(training_args, run_args.overwrite_output_dir)
 
     # Tokenizer and chat format (the one SFT recorded next to the model, unless --template_name says otherwise)
     tokenizer = load_tokenizer(model_args)

@@ -67,6 +67,9 @@ def answers(model_dir: str, questions: list[list[dict]], max_new_tokens: int) ->
     from medtrain.chat_format import resolve_chat_format
     from medtrain.modeling import load_model, load_tokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars inside the summary
     args = ModelArguments(model_name_or_path=model_dir)
     tokenizer = load_tokenizer(args, padding_side="left")
     model = load_model(args).eval()
@@ -105,7 +108,8 @@ def main() -> None:
     for i, prompt in enumerate(prompts):
         print(f"\nQ{i + 1}: {prompt['messages'][-1]['content']}")
         for name, replies in outputs.items():
-            print(f"  [{name:>4}] {' '.join(replies[i].split())}")
+            # an answer cut at max_new_tokens can end inside a multi-byte character: drop the partial bytes
+            print(f"  [{name:>4}] {' '.join(replies[i].rstrip(chr(0xFFFD)).split())}")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from medtrain.reward import (
     score_records,
     write_jsonl,
 )
-from medtrain.runtime import describe_environment, prepare_output_dir, setup_logging, write_results
+from medtrain.runtime import start_run, write_results
 
 logger = logging.getLogger("medtrain.rm")
 
@@ -49,9 +49,8 @@ def main(args: list[str] | None = None) -> RewardModelTrainer:
     )
     check_arguments(model_args, lora_args, training_args)
     check_reward_arguments(model_args, reward_args, training_args)
-    setup_logging(training_args)
-    resume = prepare_output_dir(training_args, run_args.overwrite_output_dir)
-    describe_environment(training_args)
+    # seeds before the LoRA adapter is built, so a run and its resume start from the same adapter
+    resume = start_run(training_args, run_args.overwrite_output_dir)
 
     # Tokenizer and the chat format (what SFT recorded in the model dir, else --template_name / the tokenizer's)
     tokenizer = load_tokenizer(model_args, padding_side="right")

@@ -224,14 +224,13 @@ def load_reference_model(model: Any, model_args: ModelArguments, lora_args: Lora
     adapter disabled). Full training: a frozen copy of the starting weights, except with
     ``--precompute_ref_log_probs``, where the policy itself scores the data once before its first update.
     """
-    from .modeling import load_model
+    from .modeling import embedding_rows, load_model
 
     if dpo_args.ref_model_name_or_path:
         _check_same_tokenizer(dpo_args.ref_model_name_or_path, model_args, tokenizer)
         ref_args = dataclasses.replace(model_args, model_name_or_path=dpo_args.ref_model_name_or_path)
         ref_model = load_model(ref_args, tokenizer=tokenizer)
-        ref_rows = ref_model.get_input_embeddings().weight.shape[0]
-        policy_rows = model.get_input_embeddings().weight.shape[0]
+        ref_rows, policy_rows = embedding_rows(ref_model), embedding_rows(model)
         if ref_rows != policy_rows:
             raise ConfigError(
                 f"--ref_model_name_or_path {dpo_args.ref_model_name_or_path}: its vocabulary has {ref_rows} rows, the "

@@ -116,7 +116,9 @@ def packing_leak(model: Any) -> float:
     Runs two tiny forwards in eval mode: rows [A, B] and [A', B] with restarting ``position_ids``. If the model's
     attention honours the sequence boundaries, B's logits are identical in both.
     """
-    vocab = model.get_input_embeddings().weight.shape[0]
+    from .modeling import embedding_rows
+
+    vocab = embedding_rows(model)
     device = model.get_input_embeddings().weight.device
     generator = torch.Generator().manual_seed(0)
     first, other, second = (torch.randint(0, vocab, (n,), generator=generator) for n in (6, 6, 5))

@@ -121,9 +121,15 @@ def load_model(
     return model
 
 
+def embedding_rows(model: Any) -> int:
+    """Rows of the input embedding matrix, also under ZeRO-3 (whose partitioned weights have shape (0,))."""
+    weight = model.get_input_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
 def resize_embeddings_to(model: Any, tokenizer: Any) -> bool:
     """Grow the embedding matrix when the tokenizer is larger; new rows get the mean of the old ones."""
-    size = model.get_input_embeddings().weight.shape[0]
+    size = embedding_rows(model)
     if len(tokenizer) <= size:
         return False
     model.resize_token_embeddings(len(tokenizer), mean_resizing=True)

@@ -161,7 +161,7 @@ def test_save_and_resume_continues_identically(tmp_path, lora):
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
         "checkpoint-2", "checkpoint-4", "logs", "trainer_state.json"]
     assert sorted(p.name for p in checkpoint.iterdir()) == [
-        "optimizer.pt", "policy", "rng_state_0.pth", "scheduler.pt", "trainer_state.json", "value_model"]
+        "COMPLETE", "optimizer.pt", "policy", "rng_state_0.pth", "scheduler.pt", "trainer_state.json", "value_model"]
     weights = "adapter_model.safetensors" if lora else "model.safetensors"
     assert (checkpoint / "policy" / weights).is_file()
     assert (checkpoint / "policy" / "tokenizer.json").is_file()

@@ -54,6 +54,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, get_scheduler
 
+from medtrain.checkpoints import MARKER, latest_complete_checkpoint
 from medtrain.errors import ConfigError, UserError
 from medtrain.ppo.config import PPOArguments
 from medtrain.ppo.core import (
@@ -614,6 +615,8 @@ class PPOTrainer:
         torch.save(rng, tmp / f"rng_state_{accelerator.process_index}.pth")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            # The marker the other stages' checkpoints carry, so `--resume_from_checkpoint auto` finds this one too.
+            (tmp / MARKER).write_text(f"global_step={self.state.global_step}\n", encoding="utf-8")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             self._print(f"saved {final}")
@@ -621,11 +624,10 @@ class PPOTrainer:
         return final
 
     def _latest_checkpoint(self) -> Path:
-        found = [p for p in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*")
-                 if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-        if not found:
-            raise UserError(f"no {CHECKPOINT_PREFIX}N directory in {self.output_dir} to resume from")
-        return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+        path = latest_complete_checkpoint(str(self.output_dir))
+        if path is None:
+            raise UserError(f"no complete {CHECKPOINT_PREFIX}N directory in {self.output_dir} to resume from")
+        return Path(path)
 
     def _load_checkpoint(self, path: Path) -> None:
         if not (path / STATE_FILE).is_file():
