@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, build_model, build_tokenizer, run_script, shared_path
 
 from medtrain.errors import DataError
@@ -325,6 +326,31 @@ def test_full_training_lowers_held_out_perplexity(tiny_model_dir, tmp_path):
     assert float(results["eval_accuracy"]) > 0.5  # a repetitive corpus: most next tokens become predictable
     assert json.loads((out / "eval_results.json").read_text())["perplexity"] == pytest.approx(math.exp(after))
     assert (out / "model.safetensors").is_file() and (out / "train_results.txt").is_file()
+
+
+def _adapter(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def test_the_adapter_depends_on_the_seed_and_not_on_the_cache(tiny_model_dir, tmp_path):
+    # With learning rate 0 the saved adapter is the initial one: it must depend on --seed alone, not on whether the
+    # run tokenised the corpus or read the cache (start_run seeds before the adapter is built).
+    data = _corpus(tmp_path / "train" / "a.txt", SENTENCES * 20)
+    runs = {}
+    for name, seed in (("tokenised", "0"), ("cached", "0"), ("other_seed", "1")):
+        result = _train(tiny_model_dir, data.parent, tmp_path / name, tmp_path, "--max_steps", "1",
+                        "--learning_rate", "0", "--seed", seed)
+        runs[name] = (result.stdout + result.stderr, _adapter(tmp_path / name))
+    assert "tokenized data cached in" in runs["tokenised"][0]
+    assert "loaded tokenized data from cache" in runs["cached"][0]
+    tokenised, cached, other = (runs[name][1] for name in ("tokenised", "cached", "other_seed"))
+    lora_a = [key for key in tokenised if "lora_A" in key]
+    assert lora_a and tokenised.keys() == cached.keys() == other.keys()
+    for key in tokenised:
+        assert torch.equal(tokenised[key], cached[key]), key
+    assert all(not torch.equal(tokenised[key], other[key]) for key in lora_a)
 
 
 def test_streaming_trains_for_max_steps(tiny_model_dir, tmp_path):
