@@ -7,7 +7,7 @@
 Every DPOConfig option is a flag (``--help`` lists them). Pairs use the reward-model stage's formats and are rendered
 with the same chat format as SFT: the prompt (system prompt and history included) up to the assistant header, and
 each reply with its end-of-turn token. Pairs longer than ``--model_max_length`` tokens lose prompt tokens from the
-left or are dropped (``--truncation left|drop``); the counts are logged. With LoRA the reference is the base model
+left, are cut in prompt and replies, or are dropped (``--truncation left|reply|drop``); the counts are logged. With LoRA the reference is the base model
 with the adapter disabled; with full training, a frozen copy (or ``--ref_model_name_or_path``).
 """
 

@@ -21,7 +21,7 @@ from trl import DPOConfig, DPOTrainer
 
 from .arguments import DataArguments, LoraArguments, ModelArguments
 from .errors import ConfigError
-from .preference import TRUNCATION_CHOICES, encode_pairs
+from .preference import DPO_TRUNCATION_CHOICES, encode_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,10 @@ class DPOArguments:
         default="left",
         metadata={
             "help": "Pairs longer than --model_max_length tokens: 'left' cuts the prompt from the left (both replies "
-            "stay whole), 'drop' skips the pair. Counts are logged.",
-            "choices": TRUNCATION_CHOICES,
+            "stay whole; a pair whose reply alone is too long is dropped), 'reply' keeps at least half the length for "
+            "the end of the prompt and cuts both replies at the end (no pair dropped), 'drop' skips the pair. "
+            "Counts are logged.",
+            "choices": DPO_TRUNCATION_CHOICES,
         },
     )
 
@@ -153,7 +155,7 @@ def check_dpo_arguments(
     if t.truncation_mode != _default("truncation_mode"):
         problems.append(
             f"--truncation_mode {t.truncation_mode} has no effect: every pair already fits --model_max_length. "
-            "Use --truncation left|drop to choose how over-long pairs are fitted."
+            "Use --truncation left|reply|drop to choose how over-long pairs are fitted."
         )
     if t.dataset_num_proc is not None or (data_args.preprocessing_num_workers or 0) > 1:
         problems.append(

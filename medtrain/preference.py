@@ -15,7 +15,8 @@ from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
-TRUNCATION_CHOICES = ["left", "drop"]
+TRUNCATION_CHOICES = ["left", "drop"]  # reward models read the score at the reply's end: never cut a reply
+DPO_TRUNCATION_CHOICES = ["left", "reply", "drop"]
 
 
 @dataclass
@@ -51,9 +52,12 @@ def prompt_text(chat_format: Any, record: dict) -> str:
 def encode_pair(
     tokenizer: Any, chat_format: Any, record: dict, max_length: int, truncation: str = "left"
 ) -> EncodedPair | None:
-    """Token ids of one pair; over-long prompts lose tokens from the left so both replies keep their ends.
+    """Token ids of one pair fitted to ``max_length``.
 
-    Returns None when the pair cannot fit (``truncation="drop"``, or a reply alone longer than ``max_length - 1``).
+    ``left``: the prompt loses tokens from the left so both replies keep their ends; a pair whose reply alone needs
+    ``max_length`` tokens cannot fit. ``reply`` (DPO): the prompt keeps at least ``max_length // 2`` of its last tokens
+    (all of them if the replies leave room) and both replies are cut at the end to the rest; every pair fits.
+    ``drop``: nothing is cut. Returns None when the pair cannot fit.
     """
     from .tokenization import _needs_bos
 
@@ -67,6 +71,10 @@ def encode_pair(
     longest = max(len(chosen_ids), len(rejected_ids))
     if len(prompt_ids) + longest <= max_length:
         return EncodedPair(prompt_ids, chosen_ids, rejected_ids)
+    if truncation == "reply":
+        keep = min(len(prompt_ids), max(max_length - longest, max_length // 2))
+        budget = max_length - keep
+        return EncodedPair(prompt_ids[len(prompt_ids) - keep:], chosen_ids[:budget], rejected_ids[:budget], True)
     if truncation == "drop" or longest >= max_length:
         return None
     keep = max_length - longest
@@ -86,7 +94,12 @@ def encode_pairs(
         truncated += pair.truncated
         out.append({"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids,
                     "margin": record.get("margin", 0.0), "source": record.get("source", "")})
-    if truncated or dropped:
+    if truncated and truncation == "reply":
+        logger.warning(
+            "%s: %d of %d preference pairs longer than %d tokens: cut to fit (prompt from the left, replies at the end)",
+            name, truncated, len(records), max_length,
+        )
+    elif truncated or dropped:
         logger.warning(
             "%s: %d of %d preference pairs longer than %d tokens: %d prompt(s) truncated from the left, %d pair(s) dropped",
             name, truncated + dropped, len(records), max_length, truncated, dropped,

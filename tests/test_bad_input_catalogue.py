@@ -80,6 +80,7 @@ CASES = [
     ("quantized-full-training", "sft", None, None, ["--load_in_8bit", "--use_peft", "False"], "train through LoRA only"),
     ("unknown-flag", "dpo", None, None, ["--betaa", "0.1"], "unknown flag(s) --betaa"),
     ("bad-choice-truncation", "rm", None, None, ["--truncation", "middle"], "error"),
+    ("reward-read-at-a-cut-reply", "rm", None, None, ["--truncation", "reply"], "invalid choice: 'reply'"),
     ("negative-lora-rank", "sft", None, None, ["--lora_rank", "0"], "--lora_rank must be positive"),
     ("bad-split-percentage", "sft", None, None, ["--validation_split_percentage", "150"], "must be in [0, 100)"),
     ("missing-model-dir", "sft", None, None, ["--model_name_or_path", "./no/such/model"], "no such directory"),
