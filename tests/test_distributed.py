@@ -83,7 +83,7 @@ def _probe_trainer(trainer) -> dict:
     }
 
 
-def _probe_ppo(trainer) -> dict:
+def _probe_ppo(trainer, prompts: list[list[int]]) -> dict:
     import torch
 
     accelerator = trainer.accelerator
@@ -96,7 +96,7 @@ def _probe_ppo(trainer) -> dict:
         "partition": _partition(trainer.model),
         "losses": [entry["loss/policy"] for entry in trainer.state.log_history if "loss/policy" in entry],
         "logits": _logits(accelerator.unwrap_model(trainer.model).policy),
-        "rows": [],
+        "rows": prompts,  # the prompts this rank generated from
     }
 
 
@@ -117,10 +117,20 @@ def worker(stage: str, probe_dir: str, args: list[str]) -> None:
         trainers.append(self)
 
     trainer_class.__init__ = record
+    prompts_seen: list[list[int]] = []
+    if stage == "ppo":
+        original_next = trainer_class._next_prompts
+
+        def next_prompts(self):
+            batch = original_next(self)
+            prompts_seen.extend(batch)
+            return batch
+
+        trainer_class._next_prompts = next_prompts
     module = importlib.import_module(STAGES[stage])
     sys.argv = [f"{STAGES[stage]}.py", *args]
     module.main()
-    probe = _probe_ppo(trainers[-1]) if stage == "ppo" else _probe_trainer(trainers[-1])
+    probe = _probe_ppo(trainers[-1], prompts_seen) if stage == "ppo" else _probe_trainer(trainers[-1])
     Path(probe_dir).mkdir(parents=True, exist_ok=True)
     (Path(probe_dir) / f"rank{probe['rank']}.json").write_text(json.dumps(probe))
 
@@ -323,6 +333,40 @@ def test_other_stages_two_ranks_train_like_one_rank(tiny_dir, tmp_path, stage):
     ranks = probes(tmp_path / "two")
     assert_sharded(reference, ranks)
     assert_same_training(reference, ranks)
+
+
+def test_ppo_two_ranks_split_the_prompts_and_keep_one_policy(tiny_dir, tmp_path):
+    """PPO under torchrun: each rank generates from its own prompts, gradients are averaged, so both ranks hold the
+    same policy. (Rollouts are sampled per rank, so the losses are not compared with a one-process run.)"""
+    from conftest import run_script
+
+    data = write_data("rm", tmp_path / "data")
+    rm = run_script("reward_modeling.py", *stage_args("rm", tiny_dir, data, tmp_path / "rm", "--max_steps", "2",
+                                                      "--per_device_train_batch_size", "4"),
+                    env={"OMP_NUM_THREADS": "1"})
+    assert rm.returncode == 0, rm.stderr[-3000:]
+    finish(launch("ppo", tmp_path / "ppo", [
+        "--model_name_or_path", str(tiny_dir), "--reward_model_name_or_path", str(tmp_path / "rm"),
+        "--train_file_dir", str(data), "--template_name", "chatml", "--output_dir", str(tmp_path / "out"),
+        "--report_to", "none", "--seed", "0", "--max_steps", "2", "--rollout_batch_size", "2",
+        "--num_mini_batches", "1", "--num_ppo_epochs", "2", "--max_new_tokens", "6", "--learning_rate", "1e-2",
+        "--save_strategy", "no"], nproc=2))
+    ranks = probes(tmp_path / "ppo")
+    assert [p["rank"] for p in ranks] == [0, 1]
+    assert all(p["world_size"] == 2 and p["backend"] == "gloo" and not p["deepspeed"] for p in ranks)
+    # 2 updates x 2 prompts per rank: the 8 prompts once each, 4 on each rank
+    shares = [sorted(map(tuple, p["rows"])) for p in ranks]
+    assert [len(share) for share in shares] == [4, 4]
+    assert len(set(shares[0] + shares[1])) == 8
+    assert all(len(p["losses"]) == 2 for p in ranks)
+    # one policy on both ranks (DDP averaged the gradients), and it moved away from the starting model
+    first, second = (torch.tensor(p["logits"]) for p in ranks)
+    assert torch.allclose(first, second, atol=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    start = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    start_logits = torch.tensor(_logits(start))
+    assert (first - start_logits).abs().max() > 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------------------
