@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -142,6 +143,38 @@ def test_truncation_left_and_drop_are_counted(tiny_chat_model_dir, tmp_path, cap
     cut = left[2]
     assert len(cut["prompt_ids"]) + max(len(cut["chosen_ids"]), len(cut["rejected_ids"])) == MAX_LENGTH
     assert tokenizer.decode(cut["prompt_ids"]).endswith("I have a fever.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_truncation_reply_keeps_every_pair_with_half_the_length_for_the_prompt(tiny_chat_model_dir, tmp_path, caplog):
+    from transformers import AutoTokenizer
+
+    from medtrain.formats import load_preferences
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model_dir)
+    chat_format = get_chat_format(tokenizer, None)
+    records = load_preferences([str(write_jsonl(tmp_path / "train.jsonl", TRAIN_ROWS))])
+    whole = encode_preference_dataset(records, tokenizer, chat_format, 10_000, "drop", "train")
+    with caplog.at_level("WARNING"):
+        reply = encode_preference_dataset(records, tokenizer, chat_format, MAX_LENGTH, "reply", "train")
+    assert [r.getMessage() for r in caplog.records if r.name == "medtrain.preference"] == [
+        "train: 2 of 5 preference pairs longer than 96 tokens: cut to fit (prompt from the left, replies at the end)"]
+    assert len(reply) == 5
+    for full, cut in zip(whole, reply):
+        total = len(cut["prompt_ids"]) + max(len(cut["chosen_ids"]), len(cut["rejected_ids"]))
+        assert total <= MAX_LENGTH
+        assert full["prompt_ids"][len(full["prompt_ids"]) - len(cut["prompt_ids"]):] == cut["prompt_ids"]
+        assert full["chosen_ids"][: len(cut["chosen_ids"])] == cut["chosen_ids"]
+        assert full["rejected_ids"][: len(cut["rejected_ids"])] == cut["rejected_ids"]
+    assert whole[0] == reply[0] and whole[1] == reply[1] and whole[4] == reply[4]  # pairs that fit are untouched
+    # long prompt, short replies: the prompt keeps all the room the replies leave (as with "left")
+    assert reply[2]["chosen_ids"] == whole[2]["chosen_ids"] and total_length(reply[2]) == MAX_LENGTH
+    # long reply: the prompt stays whole (it is shorter than half), the long reply is cut at its end to the rest
+    assert reply[3]["prompt_ids"] == whole[3]["prompt_ids"] and reply[3]["rejected_ids"] == whole[3]["rejected_ids"]
+    assert len(reply[3]["chosen_ids"]) == MAX_LENGTH - len(whole[3]["prompt_ids"]) < len(whole[3]["chosen_ids"])
+
+
+def total_length(pair: dict) -> int:
+    return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,36 +457,42 @@ def policy_preference(trainer, dataset) -> tuple[float, float]:
 @pytest.mark.skipif(not (SMOL / "config.json").is_file(), reason="models/SmolLM2-135M-Instruct absent (prepare_model.py)")
 @pytest.mark.skipif(not DPO_ZH.is_file(), reason="dpo_zh_500.jsonl absent from ../shared")
 def test_smollm2_dpo_on_real_pairs(tmp_path, capsys):
-    """200 pairs in, held-out pairs from the end of the file; prints held-out accuracy and margin before/after."""
+    """200 pairs in, 50 held-out pairs from the end of the file; prints held-out accuracy and margin before/after."""
     rows = DPO_ZH.read_text(encoding="utf-8").splitlines()
     write = lambda path, lines: (path.parent.mkdir(), path.write_text("\n".join(lines) + "\n", encoding="utf-8"))
     write(tmp_path / "train" / "pairs.jsonl", rows[:200])
-    write(tmp_path / "eval" / "pairs.jsonl", rows[400:])
-    # SmolLM2's tokenizer spends ~1,000 tokens on a median pair of this Chinese data; 256 keeps the run to minutes
-    # on 2 cores. Prompts are cut from the left; pairs whose reply alone does not fit are dropped (and counted).
-    trainer = run_dpo(*quiet_args(
-        SMOL, tmp_path / "train", tmp_path / "out", "--validation_file_dir", tmp_path / "eval",
-        "--model_max_length", 256, "--per_device_train_batch_size", 4, "--per_device_eval_batch_size", 4,
-        "--num_train_epochs", 2, "--learning_rate", 2e-4, "--beta", 0.1, "--logging_steps", 5, "--do_train", "False",
-        "--do_eval", "False",
-    ))
-    assert (len(trainer.train_dataset), len(trainer.eval_dataset)) == (41, 18)  # 159 and 82 pairs dropped
-    before = trainer.evaluate()
-    before_policy = policy_preference(trainer, trainer.eval_dataset)
-    trainer.train()
-    after = trainer.evaluate()
-    after_policy = policy_preference(trainer, trainer.eval_dataset)
-    seen = trainer.evaluate(trainer.train_dataset, metric_key_prefix="train")
+    write(tmp_path / "eval" / "pairs.jsonl", rows[-50:])
+    # SmolLM2's tokenizer spends ~1,000 tokens on a median pair of this Chinese data; 192 tokens keep the run to
+    # minutes on 2 cores. --truncation reply keeps every pair: the end of the prompt and the start of both replies.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # the module runs tiny models on one thread; this one is real
+    try:
+        trainer = run_dpo(*quiet_args(
+            SMOL, tmp_path / "train", tmp_path / "out", "--validation_file_dir", tmp_path / "eval",
+            "--model_max_length", 192, "--truncation", "reply", "--per_device_train_batch_size", 4,
+            "--per_device_eval_batch_size", 8, "--num_train_epochs", 1, "--learning_rate", 2e-4, "--beta", 0.1,
+            "--logging_steps", 10, "--do_train", "False", "--do_eval", "False",
+        ))
+        assert (len(trainer.train_dataset), len(trainer.eval_dataset)) == (200, 50)  # nothing dropped
+        before = trainer.evaluate()
+        before_policy = policy_preference(trainer, trainer.eval_dataset)
+        trainer.train()
+        after = trainer.evaluate()
+        after_policy = policy_preference(trainer, trainer.eval_dataset)
+    finally:
+        torch.set_num_threads(threads)
+    logged = [e for e in trainer.state.log_history if "rewards/accuracies" in e]
     report = {
         "held_out_implicit_reward_accuracy": [before["eval_rewards/accuracies"], after["eval_rewards/accuracies"]],
         "held_out_implicit_reward_margin": [before["eval_rewards/margins"], after["eval_rewards/margins"]],
         "held_out_policy_logp_gap_accuracy": [before_policy[0], after_policy[0]],
         "held_out_policy_logp_gap_mean": [before_policy[1], after_policy[1]],
-        "train_pairs_after": [seen["train_rewards/accuracies"], seen["train_rewards/margins"]],
+        "train_accuracy_margin_per_10_steps": [(round(e["rewards/accuracies"], 3), round(e["rewards/margins"], 3))
+                                               for e in logged],
     }
     with capsys.disabled():
         print("\nSmolLM2 DPO [before, after]:", json.dumps(report))
     assert before["eval_rewards/margins"] == 0.0  # a fresh adapter is the reference
-    # 41 pairs are learned; they are too few to move the held-out pairs (general topics) reliably, so only the
-    # trained preference is asserted and the held-out numbers are reported.
-    assert seen["train_rewards/accuracies"] >= 0.9 and seen["train_rewards/margins"] > 0.5
+    assert len(logged) == 5  # 50 steps, logged every 10
+    # The trained preference rises over the epoch; the held-out numbers are reported (not asserted: 50 pairs).
+    assert logged[-1]["rewards/margins"] > logged[0]["rewards/margins"]
