@@ -147,7 +147,8 @@ if __name__ == "__main__":
 import pytest
 import torch
 
-from conftest import build_model, build_tokenizer
+from conftest import build_model, build_tokenizer, run_script
+from transformers import AutoModelForCausalLM
 
 QA = [
     ("What helps a fever?", "Rest and drink water."),
@@ -338,8 +339,6 @@ def test_other_stages_two_ranks_train_like_one_rank(tiny_dir, tmp_path, stage):
 def test_ppo_two_ranks_split_the_prompts_and_keep_one_policy(tiny_dir, tmp_path):
     """PPO under torchrun: each rank generates from its own prompts, gradients are averaged, so both ranks hold the
     same policy. (Rollouts are sampled per rank, so the losses are not compared with a one-process run.)"""
-    from conftest import run_script
-
     data = write_data("rm", tmp_path / "data")
     rm = run_script("reward_modeling.py", *stage_args("rm", tiny_dir, data, tmp_path / "rm", "--max_steps", "2",
                                                       "--per_device_train_batch_size", "4"),
@@ -362,10 +361,7 @@ def test_ppo_two_ranks_split_the_prompts_and_keep_one_policy(tiny_dir, tmp_path)
     # one policy on both ranks (DDP averaged the gradients), and it moved away from the starting model
     first, second = (torch.tensor(p["logits"]) for p in ranks)
     assert torch.allclose(first, second, atol=1e-5)
-    from transformers import AutoModelForCausalLM
-
-    start = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    start_logits = torch.tensor(_logits(start))
+    start_logits = torch.tensor(_logits(AutoModelForCausalLM.from_pretrained(tiny_dir)))
     assert (first - start_logits).abs().max() > 1e-3
 
 

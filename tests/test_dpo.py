@@ -160,8 +160,7 @@ def test_truncation_reply_keeps_every_pair_with_half_the_length_for_the_prompt(t
         "train: 2 of 5 preference pairs longer than 96 tokens: cut to fit (prompt from the left, replies at the end)"]
     assert len(reply) == 5
     for full, cut in zip(whole, reply):
-        total = len(cut["prompt_ids"]) + max(len(cut["chosen_ids"]), len(cut["rejected_ids"]))
-        assert total <= MAX_LENGTH
+        assert total_length(cut) <= MAX_LENGTH
         assert full["prompt_ids"][len(full["prompt_ids"]) - len(cut["prompt_ids"]):] == cut["prompt_ids"]
         assert full["chosen_ids"][: len(cut["chosen_ids"])] == cut["chosen_ids"]
         assert full["rejected_ids"][: len(cut["rejected_ids"])] == cut["rejected_ids"]
