@@ -128,6 +128,11 @@ class LoraArguments:
     peft_path: str | None = field(
         default=None, metadata={"help": "An existing adapter to continue training instead of a fresh one."}
     )
+    fused_lora: bool = field(
+        default=True,
+        metadata={"help": "Run plain LoRA layers through the fused branch (medtrain/fused_lora.py): same math, less "
+                          "memory and time; False = PEFT's own forward."},
+    )
 
     def __post_init__(self) -> None:
         problems = []

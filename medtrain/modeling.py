@@ -191,6 +191,12 @@ def apply_lora(model: Any, lora_args: LoraArguments, task_type: str = "CAUSAL_LM
         except ValueError as err:
             raise ConfigError(f"--target_modules {lora_args.target_modules}: {str(err).splitlines()[0]}") from None
     fix_bnb_cpu_training(model)
+    if lora_args.fused_lora:
+        from medtrain.fused_lora import fuse_lora_layers
+
+        fused = fuse_lora_layers(model)
+        if fused:
+            logger.info("fused LoRA branch on %d layers (--fused_lora False for PEFT's own forward)", fused)
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / max(total, 1))
     return model
