@@ -43,21 +43,32 @@ class LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         entropy = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # Two (chunk, vocab) tiles reused by every chunk: a fresh 100 MB tensor per chunk costs more in page faults
+        # (malloc maps and unmaps blocks that large every time) than the exponentials computed in it.
+        tile = (min(chunk, hidden.shape[0]), weight.shape[0])
+        logits_tile = torch.empty(tile, dtype=torch.float32, device=hidden.device)
+        probs_tile = torch.empty(tile, dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             rows = torch.arange(t.shape[0], device=t.device)
             # Few passes over the (chunk, vocab) tile: shift by the max, exponentiate into the softmax in place.
-            shifted = torch.nn.functional.linear(h, weight, bias).float()
+            shifted = logits_tile[:t.shape[0]]
+            if h.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
+                if bias is None:
+                    torch.mm(h, weight.t(), out=shifted)
+                else:
+                    torch.addmm(bias, h, weight.t(), out=shifted)
+            else:
+                shifted.copy_(torch.nn.functional.linear(h, weight, bias))
             shifted -= shifted.amax(dim=-1, keepdim=True)
             target = shifted[rows, t]
-            probs = torch.exp(shifted)
+            probs = torch.exp(shifted, out=probs_tile[:t.shape[0]])
             norm = probs.sum(dim=-1)
             probs /= norm[:, None]
             log_norm = torch.log(norm)
             loss += (log_norm - target).sum()
             correct += (target >= 0).sum()  # the target holds the max logit (ties count as hits)
             entropy += (log_norm - torch.einsum("nv,nv->n", probs, shifted)).sum()
-            del shifted
             if grad_hidden is None and grad_weight is None and grad_bias is None:
                 continue
             probs[rows, t] -= 1.0  # d(sum CE)/d logits = softmax - one_hot

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,26 +171,40 @@ def test_packed_segments_from_position_ids():
 # --- fused loss -------------------------------------------------------------------------------------------------------
 
 
-def test_linear_cross_entropy_matches_the_plain_loss_and_gradients():
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_cross_entropy_matches_the_plain_loss_and_gradients(with_bias):
     torch.manual_seed(0)
     hidden = torch.randn(37, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
-    bias = torch.randn(50, requires_grad=True)
+    bias = torch.randn(50, requires_grad=True) if with_bias else None
+    params = (hidden, weight, bias) if with_bias else (hidden, weight)
     targets = torch.randint(0, 50, (37,))
     loss, correct, entropy = linear_cross_entropy(hidden, weight, bias, targets, chunk=8)
     (loss / 3).backward()
-    grads = [t.grad.clone() for t in (hidden, weight, bias)]
-    for t in (hidden, weight, bias):
+    grads = [t.grad.clone() for t in params]
+    for t in params:
         t.grad = None
-    logits = hidden @ weight.T + bias
+    logits = hidden @ weight.T + (bias if with_bias else 0)
     reference = F.cross_entropy(logits, targets, reduction="sum")
     (reference / 3).backward()
     assert abs(loss.item() - reference.item()) < 1e-4 * reference.item()
-    for mine, t in zip(grads, (hidden, weight, bias)):
+    for mine, t in zip(grads, params):
         assert torch.allclose(mine, t.grad, atol=1e-5)
     assert correct.item() == (logits.argmax(-1) == targets).sum().item()
     expected_entropy = torch.distributions.Categorical(logits=logits).entropy().sum().item()
     assert abs(entropy.item() - expected_entropy) < 1e-3
+
+
+def test_linear_cross_entropy_with_bf16_weights_matches_the_float_loss():
+    torch.manual_seed(0)
+    hidden = torch.randn(21, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.bfloat16)
+    targets = torch.randint(0, 50, (21,))
+    loss, _, _ = linear_cross_entropy(hidden, weight, None, targets, chunk=8)
+    loss.backward()
+    reference = F.cross_entropy((hidden.detach() @ weight.T).float(), targets, reduction="sum")
+    assert abs(loss.item() - reference.item()) < 1e-4 * reference.item()
+    assert hidden.grad.dtype == torch.bfloat16 and hidden.grad.abs().sum() > 0
 
 
 # --- S2-Attn ----------------------------------------------------------------------------------------------------------
@@ -407,3 +422,33 @@ def test_moe_lora_reports_the_router_aux_loss(tmp_path):
         own = model(**batch, output_router_logits=True, use_cache=False)
         fused = trainer.compute_loss(model, dict(batch))
     assert abs(fused.item() - own.loss.item()) < 1e-5 and own.aux_loss > 0
+
+
+# --- CPU allocator ----------------------------------------------------------------------------------------------------
+
+_THP_CODE = """
+import trl, medtrain, torch
+x = torch.ones(50_000_000)
+print(next(int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')))
+"""
+
+
+def _anon_huge_kb(env_value: str | None) -> int:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if env_value is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = env_value
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", _THP_CODE], capture_output=True, text=True, env=env, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_importing_medtrain_puts_large_tensors_in_huge_pages_unless_turned_off():
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.is_file() or "[never]" in thp.read_text() or not Path("/proc/self/smaps_rollup").is_file():
+        pytest.skip("transparent huge pages are unavailable on this machine")
+    assert _anon_huge_kb(None) >= 100_000  # most of the 200 MB tensor
+    assert _anon_huge_kb("0") == 0
