@@ -237,7 +237,7 @@ def summarize(results: list[dict]) -> dict:
     for tool in ("ours", "llamafactory"):
         runs = [r for r in results if r["tool"] == tool]
         if runs:
-            summary[tool] = {key: statistics.median(r[key] for r in runs) for key in
+            summary[tool] = {key: round(statistics.median(r[key] for r in runs), 3) for key in
                              ("supervised_tokens_per_s", "tokens_per_s", "peak_rss_gb", "train_runtime_s")}
     if "ours" in summary and "llamafactory" in summary:
         ours, lf = summary["ours"], summary["llamafactory"]
