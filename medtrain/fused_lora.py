@@ -8,9 +8,11 @@ memory (measured; see bench/bench_sft.py).
 
 :class:`LoraBranch` computes the same function in one autograd node:
 
-- dropout keeps an element when 31 random bits (from the default generator, so seeding, Trainer's RNG checkpoints and
-  gradient-checkpoint recomputation behave as usual) reach ``round(p * 2**31)``; kept elements are scaled by
-  ``1 / (1 - p')`` with ``p' = round(p * 2**31) / 2**31`` (|p - p'| <= 2.4e-10), so the expectation is exact;
+- dropout keeps an element when 16 random bits (a quarter of a 64-bit draw from the default generator, so seeding,
+  Trainer's RNG checkpoints and gradient-checkpoint recomputation behave as usual) reach ``round(p * 2**16)``; kept
+  elements are scaled by ``1 / (1 - p')`` with ``p' = round(p * 2**16) / 2**16`` (|p - p'| <= 7.7e-6, e.g. 0.05 ->
+  0.0500031), so the expectation is exact. The Bernoulli draw is serial on CPU; 16 bits per element cost 0.40 s per
+  SFT bench step (30 layers x 7 adapted inputs x 2048 tokens) against 0.70 s for 31 bits and 1.7 s for ``bernoulli_``;
 - only the boolean keep-mask (1 byte/element) and the (tokens, r) product are saved; the input is saved by reference
   (the base layer's caller holds it anyway) and the dropped input is rebuilt in backward;
 - ``result + scale * (x_kept @ A.T) @ B.T`` is one ``addmm``.
@@ -31,28 +33,36 @@ from peft.tuners.lora import layer as lora_layer
 
 logger = logging.getLogger(__name__)
 
-_BITS = 31
-_ONE = 1 << _BITS
+BITS = 16
+RESOLUTION = 1 << BITS
 
 
 def keep_threshold(p: float) -> int:
-    """Smallest 31-bit value that keeps an element: P(keep) = 1 - threshold / 2**31."""
+    """Smallest 16-bit value that keeps an element: P(keep) = 1 - threshold / 2**16."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    return round(p * _ONE)
+    threshold = round(p * RESOLUTION)
+    if threshold >= RESOLUTION:
+        raise ValueError(f"dropout probability {p} rounds to 1 at {BITS}-bit resolution")
+    return threshold
+
+
+def keep_from_bits(bits: torch.Tensor, threshold: int) -> torch.Tensor:
+    """Keep-mask from uniform int16 ``bits``: the signed value + 2**15 is the unsigned one, compared without a copy."""
+    return bits >= threshold - RESOLUTION // 2
 
 
 def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
-    """A boolean mask of ``shape``; each element is kept independently with probability 1 - keep_threshold(p) / 2**31.
+    """A boolean mask of ``shape``; each element is kept independently with probability 1 - keep_threshold(p) / 2**16.
 
-    ``random_()`` on int64 fills 63 uniform bits; each int32 half, with its top bit cleared, is 31 uniform bits.
+    ``random_(-2**63, None)`` fills all 64 bits of each int64 word uniformly (plain ``random_()`` leaves the sign bit
+    0), so each of its four int16 quarters is a uniform 16-bit value.
     """
     numel = 1
     for size in shape:
         numel *= size
-    words = torch.empty((numel + 1) // 2, dtype=torch.int64, device=device).random_()
-    bits = words.view(torch.int32)[:numel].view(shape)
-    return bits.bitwise_and_(_ONE - 1) >= keep_threshold(p)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    return keep_from_bits(words.view(torch.int16)[:numel].view(shape), keep_threshold(p))
 
 
 class LoraBranch(torch.autograd.Function):
@@ -65,7 +75,7 @@ class LoraBranch(torch.autograd.Function):
         keep = None
         if p > 0.0:
             keep = dropout_keep_mask(flat_x.shape, p, flat_x.device)
-            scale = scaling * _ONE / (_ONE - keep_threshold(p))
+            scale = scaling * RESOLUTION / (RESOLUTION - keep_threshold(p))
             xa = torch.where(keep, flat_x, 0.0) @ weight_a.t()
         else:
             scale = scaling
@@ -112,6 +122,8 @@ class FusedLoraLinear(lora_layer.Linear):
             return None
         if not (x.dtype == lora_a.weight.dtype == lora_b.weight.dtype) or x.shape[-1] != lora_a.in_features:
             return None
+        if isinstance(dropout, torch.nn.Dropout) and round(dropout.p * RESOLUTION) >= RESOLUTION:
+            return None  # p within 2**-17 of 1: not representable by the 16-bit threshold
         return name
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

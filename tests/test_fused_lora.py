@@ -10,8 +10,8 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import layer as lora_layer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from medtrain.fused_lora import (FusedLoraLinear, LoraBranch, dropout_keep_mask, fuse_lora_layers, keep_threshold,
-                                 unfuse_lora_layers)
+from medtrain.fused_lora import (FusedLoraLinear, LoraBranch, dropout_keep_mask, fuse_lora_layers, keep_from_bits,
+                                 keep_threshold, unfuse_lora_layers)
 
 
 def tiny_peft_model(dropout: float, seed: int = 0, **lora_kwargs) -> torch.nn.Module:
@@ -40,9 +40,16 @@ IDS = torch.randint(0, 97, (3, 17), generator=torch.Generator().manual_seed(5))
 
 def test_keep_threshold_and_mask_statistics():
     assert keep_threshold(0.0) == 0
-    assert keep_threshold(0.5) == 2**30
+    assert keep_threshold(0.5) == 2**15
+    assert keep_threshold(0.05) == 3277  # p' = 0.0500031
     with pytest.raises(ValueError, match="dropout probability"):
         keep_threshold(1.0)
+    with pytest.raises(ValueError, match="rounds to 1"):
+        keep_threshold(1 - 2**-18)
+    # exact: of all 65536 int16 bit patterns, 65536 - threshold are kept
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    for p in (0.0, 0.05, 0.5, 0.9):
+        assert int(keep_from_bits(every, keep_threshold(p)).sum()) == 2**16 - keep_threshold(p)
     torch.manual_seed(0)
     n, p = 400_000, 0.1
     first = dropout_keep_mask((n,), p, torch.device("cpu"))
@@ -55,10 +62,15 @@ def test_keep_threshold_and_mask_statistics():
     assert not torch.equal(first, second)
     both = (first & second).float().mean().item()
     assert abs(both - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 * (1 - (1 - p) ** 2) / n)
-    # both int32 halves of each 64-bit word are used and uncorrelated: neighbours agree as often as chance says
-    agree = (first[0::2] == first[1::2]).float().mean().item()
+    # all four int16 quarters of each 64-bit word are uniform (the top one too: it holds the word's sign bit) and
+    # uncorrelated: each keeps 1 - p, and neighbours agree as often as chance says
+    quarters = first.view(-1, 4)
+    for i in range(4):
+        assert abs(quarters[:, i].float().mean().item() - (1 - p)) < 5 * sigma * 2
     expected = (1 - p) ** 2 + p**2
-    assert abs(agree - expected) < 5 * math.sqrt(expected * (1 - expected) / (n / 2))
+    for i in range(3):
+        agree = (quarters[:, i] == quarters[:, i + 1]).float().mean().item()
+        assert abs(agree - expected) < 5 * math.sqrt(expected * (1 - expected) / (n / 4))
     # an odd number of elements works
     assert dropout_keep_mask((3, 5), 0.5, torch.device("cpu")).shape == (3, 5)
 
@@ -77,7 +89,7 @@ def test_no_dropout_matches_peft_outputs_and_gradients():
 
 def reference_branch(result, x, weight_a, weight_b, scaling, keep, p):
     """The textbook LoRA branch with an explicit inverted-dropout mask."""
-    scale = 1 / (1 - keep_threshold(p) / 2**31)
+    scale = 1 / (1 - keep_threshold(p) / 2**16)
     dropped = x * keep.view(x.shape).to(x.dtype) * scale
     return result + (dropped @ weight_a.t() @ weight_b.t()) * scaling
 
@@ -187,6 +199,8 @@ def test_dora_and_bias_layers_stay_on_peft_code():
     assert layer._fused_adapter(torch.randn(2, 32), (), {}) == "default"
     assert layer._fused_adapter(torch.randn(2, 32, dtype=torch.float64), (), {}) is None
     assert layer._fused_adapter(torch.randn(2, 32), (), {"adapter_names": ["default"]}) is None
+    layer.lora_dropout["default"].p = 1 - 2**-18  # not representable by the 16-bit threshold
+    assert layer._fused_adapter(torch.randn(2, 32), (), {}) is None
 
 
 def test_saved_adapter_is_identical_and_reloads(tmp_path):
