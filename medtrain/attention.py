@@ -191,15 +191,18 @@ def varlen_attention_forward(
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)
-    # enable_gqa reads the shared key/value heads in place: no repeated copies kept for backward
+    # enable_gqa reads the shared key/value heads in place: no repeated copies kept for backward. The output is joined
+    # with one cat (its backward hands each piece a view of the gradient), not written into slices of an empty
+    # tensor (each slice assignment's backward clones the whole gradient: 1 GB of copies per SFT bench step).
     gqa = query.shape[1] != key.shape[1]
-    out = query.new_empty(query.shape[0], seq_len, query.shape[1], value.shape[-1])  # (B, L, H, D), filled below
-    for b, row in enumerate(segments):
-        for s, e in row:
-            out[b, s:e] = F.scaled_dot_product_attention(
-                query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], dropout_p=dropout,
-                scale=scaling, is_causal=e - s > 1, enable_gqa=gqa,
-            )[0].transpose(0, 1)
+    pieces = [
+        F.scaled_dot_product_attention(
+            query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], dropout_p=dropout,
+            scale=scaling, is_causal=e - s > 1, enable_gqa=gqa,
+        )[0].transpose(0, 1)  # (l, H, D)
+        for b, row in enumerate(segments) for s, e in row
+    ]
+    out = torch.cat(pieces).view(query.shape[0], seq_len, query.shape[1], value.shape[-1])  # (B, L, H, D)
     return out, None
 
 
