@@ -26,6 +26,7 @@ dtype mismatches, per-call adapter names).
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import torch
@@ -65,8 +66,26 @@ def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: tor
     return keep_from_bits(words.view(torch.int16)[:numel].view(shape), keep_threshold(p))
 
 
+_local = threading.local()
+
+
+def _dropped(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``where(keep, x, 0)`` for an immediate matmul: on CPU written into a per-thread scratch buffer (grown to the
+    largest input seen), since a fresh multi-MB tensor costs more in page faults than the ``where`` itself."""
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    if x.device.type != "cpu":
+        return torch.where(keep, x, zero)
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None or scratch.dtype != x.dtype or scratch.numel() < x.numel():
+        scratch = _local.scratch = torch.empty(x.numel(), dtype=x.dtype)
+    return torch.where(keep, x, zero, out=scratch[: x.numel()].view(x.shape))
+
+
 class LoraBranch(torch.autograd.Function):
-    """``result + scaling * (dropout(x) @ weight_a.T) @ weight_b.T`` with the saved state described in the module doc."""
+    """``result + scaling * (dropout(x) @ weight_a.T) @ weight_b.T`` with the saved state described in the module doc.
+
+    ``result`` (the base layer's output) is updated in place and returned when it is contiguous and not a leaf.
+    """
 
     @staticmethod
     def forward(ctx, result: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
@@ -76,15 +95,20 @@ class LoraBranch(torch.autograd.Function):
         if p > 0.0:
             keep = dropout_keep_mask(flat_x.shape, p, flat_x.device)
             scale = scaling * RESOLUTION / (RESOLUTION - keep_threshold(p))
-            xa = torch.where(keep, flat_x, 0.0) @ weight_a.t()
+            xa = _dropped(keep, flat_x) @ weight_a.t()
         else:
             scale = scaling
             xa = flat_x @ weight_a.t()
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), xa, weight_b.t(), alpha=scale)
         ctx.save_for_backward(flat_x, keep, xa, weight_a, weight_b)
         ctx.scale = scale
         ctx.x_shape = x.shape
-        return out.view(result.shape)
+        if result.is_contiguous() and not (result.is_leaf and result.requires_grad):
+            # The base layer's fresh output is the sum's storage: no copy of it (addmm copies its first argument).
+            # Marked dirty, so autograd refuses (never silently miscomputes) a graph that saved it for backward.
+            result.view(-1, result.shape[-1]).addmm_(xa, weight_b.t(), alpha=scale)
+            ctx.mark_dirty(result)
+            return result
+        return torch.addmm(result.reshape(-1, result.shape[-1]), xa, weight_b.t(), alpha=scale).view(result.shape)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -96,12 +120,11 @@ class LoraBranch(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_b = (grad.t() @ xa).mul_(ctx.scale)
         if ctx.needs_input_grad[2]:
-            kept = flat_x if keep is None else torch.where(keep, flat_x, 0.0)
-            grad_a = grad_xa.t() @ kept
+            grad_a = grad_xa.t() @ (flat_x if keep is None else _dropped(keep, flat_x))
         if ctx.needs_input_grad[1]:
             grad_x = grad_xa @ weight_a
-            if keep is not None:
-                grad_x = torch.where(keep, grad_x, 0.0)
+            if keep is not None:  # in place: grad_x is a fresh product
+                torch.where(keep, grad_x, torch.zeros((), dtype=grad_x.dtype, device=grad_x.device), out=grad_x)
             grad_x = grad_x.view(ctx.x_shape)
         return grad_result, grad_x, grad_a, grad_b, None, None
 

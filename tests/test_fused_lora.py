@@ -94,8 +94,8 @@ def reference_branch(result, x, weight_a, weight_b, scaling, keep, p):
     return result + (dropped @ weight_a.t() @ weight_b.t()) * scaling
 
 
-@pytest.mark.parametrize("p", [0.05, 0.5])
-def test_dropout_branch_matches_reference_with_the_same_mask(p):
+@pytest.mark.parametrize("p,in_place", [(0.05, True), (0.5, True), (0.5, False)])
+def test_dropout_branch_matches_reference_with_the_same_mask(p, in_place):
     gen = torch.Generator().manual_seed(3)
     result = torch.randn(2, 7, 12, generator=gen, dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, 7, 10, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -104,7 +104,10 @@ def test_dropout_branch_matches_reference_with_the_same_mask(p):
     grad_out = torch.randn(2, 7, 12, generator=gen, dtype=torch.float64)
 
     torch.manual_seed(11)
-    out = LoraBranch.apply(result, x, weight_a, weight_b, 2.0, p)
+    # the base layer's output as the model hands it over (a fresh non-leaf); non-contiguous: the out-of-place path
+    base_out = result * 1.0 if in_place else result.transpose(0, 1).contiguous().transpose(0, 1)
+    out = LoraBranch.apply(base_out, x, weight_a, weight_b, 2.0, p)
+    assert (out.data_ptr() == base_out.data_ptr()) is in_place
     grads = torch.autograd.grad(out, (result, x, weight_a, weight_b), grad_out)
     torch.manual_seed(11)
     keep = dropout_keep_mask((14, 10), p, x.device)  # the mask the branch drew
@@ -123,7 +126,7 @@ def test_dropout_branch_passes_gradcheck():
 
     def fn(result, x, weight_a, weight_b):
         torch.manual_seed(0)  # the same mask on every evaluation
-        return LoraBranch.apply(result, x, weight_a, weight_b, 1.5, 0.3)
+        return LoraBranch.apply(result * 1.0, x, weight_a, weight_b, 1.5, 0.3)
 
     assert torch.autograd.gradcheck(fn, args)
 
