@@ -15,7 +15,7 @@ memory (measured; see bench/bench_sft.py).
   SFT bench step (30 layers x 7 adapted inputs x 2048 tokens) against 0.70 s for 31 bits and 1.7 s for ``bernoulli_``;
 - only the boolean keep-mask (1 byte/element) and the (tokens, r) product are saved; the input is saved by reference
   (the base layer's caller holds it anyway) and the dropped input is rebuilt in backward;
-- ``result + scale * (x_kept @ A.T) @ B.T`` is one ``addmm``.
+- ``result + scale * (x_kept @ A.T) @ B.T`` is one ``addmm_`` into the base layer's fresh output (no copy of it).
 
 :func:`fuse_lora_layers` switches plain ``lora.Linear`` layers to :class:`FusedLoraLinear` (a subclass: saving,
 merging, ``disable_adapter()`` and multi-adapter use are PEFT's own code paths, taken whenever the fused path does
@@ -69,16 +69,20 @@ def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: tor
 _local = threading.local()
 
 
+def _masked(keep: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``where(keep, x, 0)``, written into ``out`` when given (``out`` may be ``x`` itself)."""
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device), out=out)
+
+
 def _dropped(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``where(keep, x, 0)`` for an immediate matmul: on CPU written into a per-thread scratch buffer (grown to the
     largest input seen), since a fresh multi-MB tensor costs more in page faults than the ``where`` itself."""
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
     if x.device.type != "cpu":
-        return torch.where(keep, x, zero)
+        return _masked(keep, x)
     scratch = getattr(_local, "scratch", None)
     if scratch is None or scratch.dtype != x.dtype or scratch.numel() < x.numel():
         scratch = _local.scratch = torch.empty(x.numel(), dtype=x.dtype)
-    return torch.where(keep, x, zero, out=scratch[: x.numel()].view(x.shape))
+    return _masked(keep, x, out=scratch[: x.numel()].view(x.shape))
 
 
 class LoraBranch(torch.autograd.Function):
@@ -124,7 +128,7 @@ class LoraBranch(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_x = grad_xa @ weight_a
             if keep is not None:  # in place: grad_x is a fresh product
-                torch.where(keep, grad_x, torch.zeros((), dtype=grad_x.dtype, device=grad_x.device), out=grad_x)
+                _masked(keep, grad_x, out=grad_x)
             grad_x = grad_x.view(ctx.x_shape)
         return grad_result, grad_x, grad_a, grad_b, None, None
 
@@ -145,8 +149,11 @@ class FusedLoraLinear(lora_layer.Linear):
             return None
         if not (x.dtype == lora_a.weight.dtype == lora_b.weight.dtype) or x.shape[-1] != lora_a.in_features:
             return None
-        if isinstance(dropout, torch.nn.Dropout) and round(dropout.p * RESOLUTION) >= RESOLUTION:
-            return None  # p within 2**-17 of 1: not representable by the 16-bit threshold
+        if isinstance(dropout, torch.nn.Dropout):
+            try:
+                keep_threshold(dropout.p)
+            except ValueError:  # p within 2**-17 of 1: not representable by the 16-bit threshold
+                return None
         return name
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
