@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -452,3 +453,64 @@ def test_importing_medtrain_puts_large_tensors_in_huge_pages_unless_turned_off()
         pytest.skip("transparent huge pages are unavailable on this machine")
     assert _anon_huge_kb(None) >= 100_000  # most of the 200 MB tensor
     assert _anon_huge_kb("0") == 0
+
+
+_REUSE_CODE = """
+import resource, medtrain, torch
+def faults():
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.empty(16_000_000).fill_(1.0)  # 64 MB: above glibc's default mmap threshold
+    del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+faults()
+print(min(faults() for _ in range(3)))
+"""
+
+
+def _refault_count(env_value: str | None) -> int:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MEDTRAIN_KEEP_FREED_MEMORY" and not k.startswith("MALLOC_")}
+    if env_value is not None:
+        env["MEDTRAIN_KEEP_FREED_MEMORY"] = env_value
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", _REUSE_CODE], capture_output=True, text=True, env=env, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_importing_medtrain_reuses_freed_large_blocks_unless_turned_off():
+    if not sys.platform.startswith("linux") or not _glibc():
+        pytest.skip("glibc malloc only")
+    # A freed 64 MB tensor's memory serves the next one without touching the kernel again; turned off, every
+    # allocation is mmap-ed and faulted in afresh (16,000 4 KB pages, or ~32 huge pages plus the unaligned rest).
+    assert _refault_count(None) < 8
+    assert _refault_count("0") > 16
+
+
+def test_malloc_settings_from_the_environment_are_left_alone(monkeypatch):
+    from medtrain.allocator import keep_freed_memory
+
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES",
+                 "MEDTRAIN_KEEP_FREED_MEMORY"):
+        monkeypatch.delenv(name, raising=False)
+    assert keep_freed_memory() is (sys.platform.startswith("linux") and _glibc())
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("MEDTRAIN_KEEP_FREED_MEMORY", "0")
+    assert keep_freed_memory() is False
+
+
+def _glibc() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").gnu_get_libc_version
+    except (OSError, AttributeError):
+        return False
+    return True
