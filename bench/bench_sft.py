@@ -6,8 +6,8 @@
 The job (STACK-NOTES "measured anchor job"): SmolLM2-135M-Instruct in fp32, the first ``--samples`` conversations of
 medical_sft_1K_format.jsonl, 512 tokens, batch 4, LoRA r8/alpha16/dropout 0.05 on all linear layers, 1 epoch,
 lr 2e-4, no gradient checkpointing, no evaluation, no checkpoints. Each tool runs with its own defaults otherwise
-(ours: packed rows, per-sequence attention, fused loss, fused LoRA branch, huge-page allocator; LLaMA-Factory:
-padded batches, PEFT's LoRA, PyTorch's default allocator). Runs alternate between the
+(ours: packed rows, per-sequence attention, fused loss, fused LoRA branch, huge-page allocator, freed memory kept
+by malloc; LLaMA-Factory: padded batches, PEFT's LoRA, PyTorch's and glibc's default allocators). Runs alternate between the
 tools (ours, LF, LF, ours, ...) so that a change in machine load hits both.
 
 Measured per run:
