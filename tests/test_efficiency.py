@@ -472,7 +472,7 @@ print(min(returned_mb() for _ in range(3)))
 
 
 def _returned_mb(env_value: str | None) -> float:
-    """MB of resident memory a freed 64 MB tensor gives back to the kernel (in a fresh interpreter)."""
+    """MB of resident memory a freed 61 MiB tensor gives back to the kernel (in a fresh interpreter)."""
     import os
     import subprocess
     import sys
@@ -489,7 +489,7 @@ def _returned_mb(env_value: str | None) -> float:
 def test_importing_medtrain_keeps_freed_large_blocks_unless_turned_off():
     if not sys.platform.startswith("linux") or not _glibc():
         pytest.skip("glibc malloc only")
-    # Kept, a freed 64 MB tensor stays resident for the next step's allocations to reuse without faulting pages in
+    # Kept, a freed 61 MiB tensor stays resident for the next step's allocations to reuse without faulting pages in
     # again; turned off, glibc munmaps it and the next one is faulted in afresh. (Resident memory rather than a
     # page-fault count: the count also sees the kernel's huge-page bookkeeping and once read 296 with the memory kept.)
     assert _returned_mb(None) < 4
