@@ -17,7 +17,7 @@ import logging
 
 from trl import DPOConfig
 
-from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, check_arguments, parse_args
+from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args
 from medtrain.chat_format import resolve_chat_format, save_chat_format
 from medtrain.checkpoints import CompleteCheckpointCallback
 from medtrain.data import load_splits
@@ -31,7 +31,7 @@ from medtrain.dpo import (
     evaluate_once,
     load_reference_model,
 )
-from medtrain.errors import run_main
+from medtrain.entrypoint import run_main
 from medtrain.formats import load_preferences
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
 from medtrain.runtime import start_run, write_results
@@ -41,15 +41,13 @@ logger = logging.getLogger("medtrain.dpo")
 
 def main(args: list[str] | None = None):
     """Run DPO from command-line ``args`` (default: sys.argv); returns the trainer."""
+    # Configuration: parse (pure), derive the trainer's fields and check everything once, then set up the process
     model_args, lora_args, data_args, dpo_args, run_args, training_args = parse_args(
         [ModelArguments, LoraArguments, DataArguments, DPOArguments, RunArguments, DPOConfig],
-        args=args,
-        # max_length None: --model_max_length governs; a differing --max_length is refused by check_dpo_arguments.
-        stage_defaults={"output_dir": "outputs-dpo", "do_train": True, "do_eval": True, "max_length": None},
+        args=args, stage_defaults={"output_dir": "outputs-dpo", "do_train": True, "do_eval": True},
     )
-    check_arguments(model_args, lora_args, training_args)
-    check_dpo_arguments(model_args, lora_args, data_args, dpo_args, training_args)
-    training_args.max_length = data_args.model_max_length
+    finalize(model_args, lora_args, data_args, training_args,
+             checks=(lambda: check_dpo_arguments(model_args, lora_args, data_args, dpo_args, training_args),))
     # seeds before the LoRA adapter is built, so a run and its resume start from the same adapter
     resume = start_run(training_args, run_args.overwrite_output_dir)
 

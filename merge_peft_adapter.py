@@ -17,7 +17,7 @@ import logging
 import sys
 
 from medtrain.arguments import parse_args
-from medtrain.errors import run_main
+from medtrain.entrypoint import run_main
 from medtrain.merging import MergeArguments, MergeReport, merge_adapter
 
 logger = logging.getLogger("medtrain.merge")

@@ -10,7 +10,10 @@ import json
 import math
 import os
 
-from medtrain.errors import UserError, run_main
+from medtrain.errors import UserError
+
+
+from medtrain.entrypoint import run_main
 
 
 def _json(path: str) -> dict:

@@ -16,12 +16,17 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+import datasets
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin
 from transformers import TrainingArguments
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, check_arguments, parse_args
+from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args, peek_arg
 from medtrain.chat_format import resolve_chat_format, save_chat_format
 from medtrain.data import load_splits
-from medtrain.errors import ConfigError, DataError, run_main
+from medtrain.errors import ConfigError, DataError
+from medtrain.entrypoint import run_main
 from medtrain.formats import load_prompts
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
 from medtrain.ppo import PPOArguments, PPOTrainer
@@ -56,23 +61,19 @@ class RLArguments:
             raise ConfigError("--reward_model_name_or_path is required (the output of reward_modeling.py).")
 
 
-def _config_class(argv: list[str]) -> type:
-    """The training-arguments class for --rl_algo (TRL's configs for rloo/grpo), read before full parsing."""
-    algo = "ppo"
-    for i, arg in enumerate(argv):
-        if arg == "--rl_algo" and i + 1 < len(argv):
-            algo = argv[i + 1]
-        elif arg.startswith("--rl_algo="):
-            algo = arg.split("=", 1)[1]
-    if algo == "rloo":
-        from trl import RLOOConfig
+def config_class(rl_algo: str) -> type:
+    """The trainer's config for ``--rl_algo``: TRL's RLOOConfig/GRPOConfig, or plain TrainingArguments for our PPO."""
+    return {"rloo": RLOOConfig, "grpo": GRPOConfig}.get(rl_algo, TrainingArguments)
 
-        return RLOOConfig
-    if algo == "grpo":
-        from trl import GRPOConfig
 
-        return GRPOConfig
-    return TrainingArguments
+def check_no_validation_data(data_args: DataArguments) -> None:
+    """No stage here evaluates on held-out prompts, so validation data would be read and silently unused."""
+    if data_args.validation_file_dir or data_args.validation_split_percentage:
+        raise ConfigError(
+            "RL training does not evaluate on held-out prompts: --validation_file_dir/--validation_split_percentage "
+            "would be silently unused (and a split would take prompts away from training). Remove them; evaluate "
+            "the saved policy with inference.py or lm-eval instead."
+        )
 
 
 def check_reward_model_matches(policy_tokenizer, policy_format, scorer) -> None:
@@ -103,10 +104,12 @@ def encode_prompts(records: list[dict], tokenizer, chat_format, max_length: int,
 
 
 def main(args: list[str] | None = None):
+    # Configuration: --rl_algo first (flag or arguments file: it picks the trainer's config class), then the full
+    # parse (pure), derive and check everything once, then set up the process
     argv = list(sys.argv[1:] if args is None else args)
-    config_class = _config_class(argv)
-    dataclasses = [ModelArguments, LoraArguments, DataArguments, RunArguments, RLArguments, config_class]
-    if config_class is TrainingArguments:
+    trainer_config = config_class(peek_arg("rl_algo", "ppo", argv))
+    dataclasses = [ModelArguments, LoraArguments, DataArguments, RunArguments, RLArguments, trainer_config]
+    if trainer_config is TrainingArguments:
         dataclasses.insert(-1, PPOArguments)
         parsed = parse_args(dataclasses, argv, stage_defaults={"output_dir": "outputs-ppo", "learning_rate": 1e-5,
                                                                     "logging_steps": 1})
@@ -114,7 +117,7 @@ def main(args: list[str] | None = None):
     else:
         parsed = parse_args(dataclasses, argv, stage_defaults={"output_dir": "outputs-rl"})
         model_args, lora_args, data_args, run_args, rl_args, training_args = parsed
-    check_arguments(model_args, lora_args, training_args)
+    finalize(model_args, lora_args, data_args, training_args, checks=(lambda: check_no_validation_data(data_args),))
     resume = start_run(training_args, run_args.overwrite_output_dir)
 
     # Policy tokenizer and chat format (recorded by the SFT stage in the policy's dir)
@@ -131,7 +134,7 @@ def main(args: list[str] | None = None):
     check_reward_model_matches(tokenizer, chat_format, scorer)
 
     # Prompts
-    train_records, eval_records = load_splits(data_args, load_prompts, seed=training_args.seed,
+    train_records, _ = load_splits(  # no validation split: refused by check_no_validation_datadata_args, load_prompts, seed=training_args.seed,
                                               report_dir=training_args.output_dir)
     train_prompts = encode_prompts(train_records, tokenizer, chat_format, rl_args.max_prompt_length, "train")
 
@@ -161,9 +164,6 @@ def main(args: list[str] | None = None):
 def build_ppo(policy, tokenizer, scorer, train_prompts, stop_ids, model_args, lora_args, rl_args, ppo_args,
               training_args) -> PPOTrainer:
     """Our PPO: value model initialised from the reward model (or --value_model_name_or_path)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin
-
     value_path = rl_args.value_model_name_or_path or rl_args.reward_model_name_or_path
     # a reward adapter is merged: its weights (head included) start the value model, which trains its own adapter
     value_model = load_reward_model(value_path, rl_args.reward_base_model, tokenizer=tokenizer, merge=True,
@@ -195,9 +195,6 @@ def build_ppo(policy, tokenizer, scorer, train_prompts, stop_ids, model_args, lo
 
 def build_trl(policy, tokenizer, scorer, train_prompts, rl_args, training_args):
     """TRL's RLOO/GRPO with the same prompts and reward model (scores prompt ids + completion ids)."""
-    import datasets
-    from trl import GRPOTrainer, RLOOTrainer
-
     texts = [tokenizer.decode(p) for p in train_prompts]
     ids_by_text = dict(zip(texts, train_prompts))
 

@@ -28,7 +28,10 @@ from medtrain.distributed import (
     serve_master,
     summarize_deepspeed,
 )
-from medtrain.errors import ConfigError, run_main
+from medtrain.errors import ConfigError
+
+
+from medtrain.entrypoint import run_main
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 from transformers import AutoConfig, Trainer, TrainingArguments
 
-from medtrain.arguments import LoraArguments, ModelArguments, RunArguments, check_arguments, parse_args
+from medtrain.arguments import LoraArguments, ModelArguments, RunArguments, finalize, parse_args
 from medtrain.checkpoints import CompleteCheckpointCallback
-from medtrain.errors import UserError, run_main
+from medtrain.errors import UserError
+from medtrain.entrypoint import run_main
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
 from medtrain.pretrain_data import (
     PretrainCollator,
@@ -85,12 +86,13 @@ def embedding_module_names(model: Any) -> list[str]:
 
 
 def main(args: list[str] | None = None) -> Trainer:
+    # Configuration: parse (pure), derive the trainer's fields and check everything once, then set up the process
     model_args, lora_args, data_args, run_args, training_args = parse_args(
         [ModelArguments, LoraArguments, PretrainDataArguments, RunArguments, TrainingArguments], args,
         stage_defaults={"output_dir": "outputs-pt", "do_train": True, "do_eval": True, "label_names": ["labels"]},
     )
-    check_arguments(model_args, lora_args, training_args)
-    check_pretrain_arguments(data_args, training_args)
+    finalize(model_args, lora_args, data_args, training_args,
+             checks=(lambda: check_pretrain_arguments(data_args, training_args),))
     resume = start_run(training_args, run_args.overwrite_output_dir)
 
     # Tokenizer, and the block size the model can take

@@ -14,14 +14,15 @@ from __future__ import annotations
 import logging
 import os
 
+import datasets
 from transformers import set_seed
 from trl import RewardConfig
 
-from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, check_arguments, parse_args
+from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args
 from medtrain.chat_format import resolve_chat_format, save_chat_format
 from medtrain.checkpoints import CompleteCheckpointCallback
 from medtrain.data import load_splits
-from medtrain.errors import run_main
+from medtrain.entrypoint import run_main
 from medtrain.formats import find_data_files, load_preferences
 from medtrain.modeling import apply_lora, load_tokenizer
 from medtrain.preference import encode_pairs
@@ -43,12 +44,13 @@ logger = logging.getLogger("medtrain.rm")
 
 
 def main(args: list[str] | None = None) -> RewardModelTrainer:
+    # Configuration: parse (pure), derive the trainer's fields and check everything once, then set up the process
     model_args, lora_args, data_args, reward_args, run_args, training_args = parse_args(
         [ModelArguments, LoraArguments, DataArguments, RewardArguments, RunArguments, RewardConfig], args,
         stage_defaults={"output_dir": "outputs-rm", "do_train": True, "do_eval": True},
     )
-    check_arguments(model_args, lora_args, training_args)
-    check_reward_arguments(model_args, reward_args, training_args)
+    finalize(model_args, lora_args, data_args, training_args,
+             checks=(lambda: check_reward_arguments(model_args, reward_args, training_args),))
     # seeds before the LoRA adapter is built, so a run and its resume start from the same adapter
     resume = start_run(training_args, run_args.overwrite_output_dir)
 
@@ -82,10 +84,6 @@ def main(args: list[str] | None = None) -> RewardModelTrainer:
                            gradient_checkpointing=training_args.gradient_checkpointing)
 
     # Trainer: rows are already tokenised and fit model_max_length, so TRL only pads them
-    import datasets
-
-    training_args.max_length = data_args.model_max_length
-    training_args.dataset_num_proc = data_args.preprocessing_num_workers
     trainer = RewardModelTrainer(
         model=model,
         args=training_args,

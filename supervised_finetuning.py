@@ -14,12 +14,12 @@ import logging
 
 from trl import SFTConfig, SFTTrainer
 
-from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, check_arguments, parse_args
+from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args
 from medtrain.chat_format import get_chat_format, save_chat_format
 from medtrain.checkpoints import CompleteCheckpointCallback
 from medtrain.data import load_splits, log_first_sample, tokenize_conversations
-from medtrain.efficiency import EfficiencyArguments, count_tokens, plan_batches, resolve_neft_alpha, token_throughput
-from medtrain.errors import run_main
+from medtrain.efficiency import count_tokens, plan_batches, token_throughput
+from medtrain.entrypoint import run_main
 from medtrain.formats import load_conversations
 from medtrain.fused_loss import EfficientSFTTrainer
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
@@ -30,13 +30,13 @@ logger = logging.getLogger("medtrain.sft")
 
 
 def main(args: list[str] | None = None) -> SFTTrainer:
-    model_args, lora_args, data_args, efficiency_args, run_args, training_args = parse_args(
-        [ModelArguments, LoraArguments, DataArguments, EfficiencyArguments, RunArguments, SFTConfig], args,
+    # Configuration: parse (pure), derive the trainer's fields and check everything once, then set up the process
+    model_args, lora_args, data_args, run_args, training_args = parse_args(
+        [ModelArguments, LoraArguments, DataArguments, RunArguments, SFTConfig], args,
         stage_defaults={"output_dir": "outputs-sft", "do_train": True, "do_eval": True, "packing": True,
                         "train_sampling_strategy": "group_by_length"},
     )
-    check_arguments(model_args, lora_args, training_args)
-    neft_alpha = resolve_neft_alpha(efficiency_args.neft_alpha, training_args.neftune_noise_alpha)
+    finalize(model_args, lora_args, data_args, training_args)
     resume = start_run(training_args, run_args.overwrite_output_dir)
 
     # Tokenizer and the chat format (template or the tokenizer's own chat template)
@@ -60,9 +60,7 @@ def main(args: list[str] | None = None) -> SFTTrainer:
     # Model (+ LoRA adapter); rope scaling / S2-Attn from the flags
     model = load_model(model_args, tokenizer=tokenizer, max_length=data_args.model_max_length)
     # Batches: packed rows with attention per sequence where exact (see medtrain.efficiency), else padded
-    training_args.max_length = data_args.model_max_length
-    training_args.dataset_num_proc = data_args.preprocessing_num_workers
-    plan = plan_batches(model, training_args, neft_alpha, tokenizer.pad_token_id)
+    plan = plan_batches(model, training_args, tokenizer.pad_token_id)
     logger.info("batches: %s", plan.describe())
     train_dataset = plan.prepare(train_dataset, data_args.model_max_length)
     eval_dataset = plan.prepare(eval_dataset, data_args.model_max_length)
@@ -72,7 +70,7 @@ def main(args: list[str] | None = None) -> SFTTrainer:
     # Trainer: the data is already tokenised and truncated, so TRL only pads it
     trainer = EfficientSFTTrainer(
         model=model,
-        args=training_args,
+        args=plan.trainer_args(training_args),  # TRL's batch flags as the plan says; training_args stays as parsed
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,

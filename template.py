@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from medtrain.errors import run_main
+from medtrain.entrypoint import run_main
 from medtrain.templates import *  # noqa: F401,F403  (the public API, importable as `template`)
 from medtrain.templates import get_conv_template, list_templates
 

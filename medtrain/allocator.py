@@ -1,4 +1,5 @@
-"""CPU memory allocator settings applied when ``medtrain`` is imported (before any model is loaded).
+"""CPU memory allocator settings, applied by :func:`apply_allocator_settings` from ``start_run`` (before any model is
+loaded; never at import).
 
 A training step on CPU frees and re-allocates the same few GB of activations every step. By default both layers
 below PyTorch hand that memory back to the kernel and fault it in again, zero-filled, on the next step:
@@ -34,7 +35,14 @@ _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TO
 
 
 def enable_huge_pages() -> None:
-    """Default PyTorch's huge-page CPU allocator on (read at the first large allocation)."""
+    """Default PyTorch's huge-page CPU allocator on.
+
+    c10 reads ``THP_MEM_ALLOC_ENABLE`` once per process, at the first CPU tensor allocation (a function-local
+    static in ``alloc_cpu``), not at ``import torch``. Measured with torch 2.13: setting it after
+    ``import torch, transformers, trl`` still puts a new 64 MiB tensor in huge pages (AnonHugePages 63,488 kB vs 0
+    unset); ``tests/test_configuration.py`` pins this. So ``start_run``, which every stage calls before it builds
+    a tensor, is early enough; a process that has already allocated keeps what it read.
+    """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
@@ -55,3 +63,9 @@ def keep_freed_memory() -> bool:
     if not (mallopt(M_MMAP_THRESHOLD, THRESHOLD) or mallopt(M_MMAP_THRESHOLD, FALLBACK_MMAP_THRESHOLD)):
         return False
     return bool(mallopt(M_TRIM_THRESHOLD, THRESHOLD))
+
+
+def apply_allocator_settings() -> dict[str, bool]:
+    """Both settings above, in the order a stage needs them (before the first tensor); returns what was applied."""
+    enable_huge_pages()
+    return {"huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1", "keep_freed_memory": keep_freed_memory()}

@@ -8,14 +8,19 @@ dataclass live in its ``__post_init__``; checks across dataclasses live in :func
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
+import types
+import typing
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Callable
 
+import yaml
 from transformers import HfArgumentParser
 
+from .distributed import distributed_problems, read_deepspeed_config
 from .errors import ConfigError
 
 TORCH_DTYPES = ["auto", "float32", "bfloat16", "float16"]
@@ -221,6 +226,16 @@ class RunArguments:
     )
 
 
+# Spellings that were removed in favour of one flag: the old one is an error naming the new one.
+RENAMED_FLAGS = {"neft_alpha": "neftune_noise_alpha"}
+
+
+def _refuse_renamed(names: list[str], where: str) -> None:
+    old = [name for name in names if name in RENAMED_FLAGS]
+    if old:
+        raise ConfigError([f"{where}--{name} was removed: use --{RENAMED_FLAGS[name]} (same meaning)." for name in old])
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -228,9 +243,6 @@ def _cuda_available() -> bool:
 
 
 def _is_optional_bool(annotation: Any) -> bool:
-    import types
-    import typing
-
     if isinstance(annotation, str):
         return annotation.replace(" ", "") in ("bool|None", "None|bool", "Optional[bool]", "typing.Optional[bool]")
     origin = typing.get_origin(annotation)
@@ -244,8 +256,6 @@ def _file_args(path: str) -> dict[str, Any]:
             if path.endswith(".json"):
                 data = json.load(fh)
             else:
-                import yaml
-
                 data = yaml.safe_load(fh)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: cannot read the arguments file: {err}") from None
@@ -257,13 +267,15 @@ def _file_args(path: str) -> dict[str, Any]:
 def parse_args(dataclass_types: list[type], args: list[str] | None = None, stage_defaults: dict | None = None):
     """Parse flags (or one .json/.yaml file plus overriding flags) into instances of ``dataclass_types``.
 
-    Fields that several dataclasses declare (e.g. ``trust_remote_code`` in ModelArguments and TRL's configs) become
-    one flag whose value every dataclass receives. On a machine without CUDA, ``use_cpu`` defaults to True (without
-    it torchrun on CPU silently trains each rank alone) and bf16/gradient checkpointing default off. With
-    ``--deepspeed`` on CPU under torchrun, DeepSpeed's communication layer is started on the gloo group here, before
-    any model is loaded (ZeRO-3 partitions weights while loading; see medtrain.distributed.start_deepspeed_comm).
+    Pure: flags/file -> dataclasses, nothing else (no environment variable, process group or allocator setting;
+    :func:`medtrain.runtime.start_run` does those). Fields that several dataclasses declare (e.g.
+    ``trust_remote_code`` in ModelArguments and TRL's configs) become one flag whose value every dataclass receives.
+    On a machine without CUDA, ``use_cpu`` defaults to True (without it torchrun on CPU silently trains each rank
+    alone) and bf16/gradient checkpointing default off. A removed spelling (see :data:`RENAMED_FLAGS`) is an error
+    that names its replacement.
     """
     args = list(sys.argv[1:] if args is None else args)
+    _refuse_renamed([a.split("=", 1)[0][2:] for a in args if a.startswith("--")], "")
     parser = HfArgumentParser(dataclass_types, conflict_handler="resolve")
     known = {f.name for dc in dataclass_types for f in fields(dc) if f.init}
     # TRL declares switches such as bf16 as `bool | None`, for which HfArgumentParser wants a value ("--bf16 True");
@@ -279,9 +291,13 @@ def parse_args(dataclass_types: list[type], args: list[str] | None = None, stage
         # explicit --gradient_checkpointing still takes effect.
         defaults.update(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=None)
     defaults.update(report_to=["tensorboard"])
+    # The trainer's max_length is derived from --model_max_length by finalize(); None here tells an explicit
+    # --max_length (checked there) from the config class's own default.
+    defaults.update(max_length=None)
     defaults.update(stage_defaults or {})
     if args and args[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(args[0]):
         file_args = _file_args(args[0])
+        _refuse_renamed(list(file_args), f"{args[0]}: ")
         unknown = sorted(set(file_args) - known)
         if unknown:
             raise ConfigError(
@@ -301,12 +317,7 @@ def parse_args(dataclass_types: list[type], args: list[str] | None = None, stage
     # Unlike HfArgumentParser.parse_args_into_dataclasses, a field shared by several dataclasses goes to each.
     values = vars(namespace)
     if isinstance(values.get("deepspeed"), str) and values["deepspeed"]:
-        from .distributed import read_deepspeed_config
-
         read_deepspeed_config(values["deepspeed"])  # a missing/bad file is one clear error, not TrainingArguments'
-        from .distributed import default_single_process_env
-
-        default_single_process_env()  # `python script.py --deepspeed ...` runs as torchrun --nproc_per_node 1 would
     parsed = []
     for dataclass_type in dataclass_types:
         names = {f.name for f in fields(dataclass_type) if f.init}
@@ -319,11 +330,6 @@ def parse_args(dataclass_types: list[type], args: list[str] | None = None, stage
             # transformers lists DeepSpeed values that contradict the flags one per line: keep them all
             keep = lines if "DeepSpeed config values" in lines[0] else lines[:1]
             raise ConfigError(" ".join(keep)) from None
-    for instance in parsed:
-        if hasattr(instance, "use_cpu") and hasattr(instance, "deepspeed"):
-            from .distributed import start_deepspeed_comm
-
-            start_deepspeed_comm(instance)
     return parsed
 
 
@@ -332,8 +338,6 @@ def check_arguments(model_args: ModelArguments, lora_args: LoraArguments, traini
 
     Launch, DeepSpeed and precision rules live in :func:`medtrain.distributed.distributed_problems`.
     """
-    from .distributed import distributed_problems
-
     problems = []
     cuda = _cuda_available()
     if model_args.quantized and not lora_args.use_peft:
@@ -350,3 +354,61 @@ def check_arguments(model_args: ModelArguments, lora_args: LoraArguments, traini
         problems.append("--peft_path continues a LoRA adapter: it needs --use_peft True.")
     if problems:
         raise ConfigError(problems)
+
+
+def finalize(model_args: ModelArguments, lora_args: LoraArguments, data_args: Any, training_args: Any,
+             checks: tuple[Callable[[], None], ...] = ()) -> None:
+    """Derive the trainer's fields from ours once, then check everything; every problem in one ConfigError.
+
+    Runs once per stage, right after :func:`parse_args`; afterwards nothing reassigns a field of these objects
+    (SFT's batch plan gives the trainer a copy: :meth:`medtrain.efficiency.BatchPlan.trainer_args`). Derived here:
+
+    - length: the trainer's ``max_length`` is ``--model_max_length`` (one length for tokenisation, the model's RoPE
+      factor and the trainer). ``--max_length`` given with another value is an error, in every stage.
+    - worker processes: TRL's ``dataset_num_proc`` is ``--preprocessing_num_workers``.
+    - NEFTune (``--neftune_noise_alpha``, TRL's spelling) and packing/padding-free are checked here and applied by
+      the batch plan once the model is loaded (whether packing is exact depends on the model's attention).
+    - precision and launch: :func:`check_arguments` (CPU defaults are set by :func:`parse_args`).
+
+    ``checks`` are the stage's own cross-checks (each raises ConfigError); their problems join the list.
+    """
+    problems: list[str] = []
+    model_max_length = getattr(data_args, "model_max_length", None)
+    derive_length = model_max_length is not None and hasattr(training_args, "max_length")
+    if derive_length and training_args.max_length not in (None, model_max_length):
+        problems.append(f"--max_length {training_args.max_length} differs from --model_max_length {model_max_length}: "
+                        "the trainer's max_length is derived from --model_max_length; pass only --model_max_length.")
+    alpha = getattr(training_args, "neftune_noise_alpha", None)
+    if alpha is not None and alpha <= 0:
+        problems.append(f"--neftune_noise_alpha must be positive, got {alpha}.")
+    if getattr(training_args, "packing", False) and getattr(training_args, "packing_strategy", "bfd") != "bfd":
+        problems.append(f"--packing_strategy {training_args.packing_strategy}: conversations are packed whole "
+                        "(bfd); splitting them across rows is not supported.")
+    # the stage's checks see the flags as given
+    for check in (lambda: check_arguments(model_args, lora_args, training_args), *checks):
+        try:
+            check()
+        except ConfigError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems)
+    # derived once, here
+    if derive_length:
+        training_args.max_length = model_max_length
+    if hasattr(training_args, "dataset_num_proc") and getattr(data_args, "preprocessing_num_workers", None):
+        training_args.dataset_num_proc = data_args.preprocessing_num_workers
+
+
+def peek_arg(name: str, default: Any, args: list[str] | None = None) -> Any:
+    """The value of one flag from the same sources as :func:`parse_args` (an arguments file, then flags), without
+    parsing the rest: the first pass of a two-pass parse, for a stage whose dataclasses depend on one choice
+    (``ppo_training.py``: ``--rl_algo`` picks the trainer's config class). The full parse validates the value."""
+    args = list(sys.argv[1:] if args is None else args)
+    value = default
+    if args and args[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(args[0]):
+        value = _file_args(args[0]).get(name, value)
+        args = args[1:]
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=None)
+    given = getattr(parser.parse_known_args(args)[0], name)
+    return value if given is None else given

@@ -362,21 +362,19 @@ def default_single_process_env(env: dict | None = None) -> bool:
 
 
 def start_deepspeed_comm(training_args: Any) -> bool:
-    """With ``--deepspeed`` and ``use_cpu``, start DeepSpeed's comm layer on the gloo group accelerate opened.
+    """With ``--deepspeed`` and ``use_cpu``, start DeepSpeed's comm layer on gloo, before any model is loaded.
 
-    On GPU accelerate does this itself. On CPU it opens only a torch process group, so ``deepspeed.zero.Init``
-    (ZeRO-3 loading) sees a world of one rank and stops with "train_batch_size is not equal to
-    micro_batch_per_gpu * gradient_acc_step * world_size". Returns whether it started it.
+    On GPU accelerate does this itself. On CPU it opens only a torch process group (under a launcher), so
+    ``deepspeed.zero.Init`` (ZeRO-3 loading) sees a world of one rank and stops with "train_batch_size is not equal
+    to micro_batch_per_gpu * gradient_acc_step * world_size"; and a one-process run started with plain ``python``
+    has no group at all, which DeepSpeed would open on its CPU default backend (ccl) instead of gloo. Needs the
+    launch environment (:func:`default_single_process_env` outside a launcher). Returns whether it started it.
     """
     if not getattr(training_args, "deepspeed", None) or not training_args.use_cpu:
         return False
-    import torch
+    import deepspeed.comm as dist  # optional dependency: only with --deepspeed
 
     training_args.world_size  # noqa: B018  (sets up the device: opens the gloo group under a launcher)
-    if not torch.distributed.is_initialized():
-        return False
-    import deepspeed.comm as dist
-
     if dist.is_initialized():
         return False
     dist.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)

@@ -147,11 +147,7 @@ def check_dpo_arguments(
                         "there would never train. Remove lm_head.")
 
     # Lengths, tokenization and data preparation are ours, not TRL's
-    if t.max_length is not None and t.max_length != data_args.model_max_length:
-        problems.append(
-            f"--max_length {t.max_length} differs from --model_max_length {data_args.model_max_length}: pairs are "
-            "fitted to --model_max_length (see --truncation); pass only --model_max_length."
-        )
+    # (--max_length: derived from --model_max_length by medtrain.arguments.finalize, which refuses a different one)
     if t.truncation_mode != _default("truncation_mode"):
         problems.append(
             f"--truncation_mode {t.truncation_mode} has no effect: every pair already fits --model_max_length. "

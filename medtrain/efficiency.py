@@ -12,42 +12,23 @@ a single row, so with it the batch is flattened into one padding-free row (its v
 
 from __future__ import annotations
 
+import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
 
+from .attention import register_varlen_attention
 from .errors import ConfigError
+from .modeling import embedding_rows
 from .tokenization import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "s2_sdpa", "varlen_sdpa")
-
-
-@dataclass
-class EfficiencyArguments:
-    """Training-time efficiency and regularisation switches shared by the training stages."""
-
-    neft_alpha: float | None = field(
-        default=None,
-        metadata={"help": "NEFTune noise alpha (e.g. 5): uniform noise of scale alpha/sqrt(L*d) on the input "
-                  "embeddings while training; none at evaluation or generation. Same as --neftune_noise_alpha."},
-    )
-
-    def __post_init__(self) -> None:
-        if self.neft_alpha is not None and self.neft_alpha <= 0:
-            raise ConfigError(f"--neft_alpha must be positive, got {self.neft_alpha}.")
-
-
-def resolve_neft_alpha(neft_alpha: float | None, neftune_noise_alpha: float | None) -> float | None:
-    """One NEFTune alpha from our ``--neft_alpha`` and transformers' ``--neftune_noise_alpha`` (they must agree)."""
-    if neft_alpha is not None and neftune_noise_alpha is not None and neft_alpha != neftune_noise_alpha:
-        raise ConfigError(f"--neft_alpha {neft_alpha} and --neftune_noise_alpha {neftune_noise_alpha} disagree: "
-                          "pass one of them.")
-    return neft_alpha if neft_alpha is not None else neftune_noise_alpha
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -116,7 +97,6 @@ def packing_leak(model: Any) -> float:
     Runs two tiny forwards in eval mode: rows [A, B] and [A', B] with restarting ``position_ids``. If the model's
     attention honours the sequence boundaries, B's logits are identical in both.
     """
-    from .modeling import embedding_rows
 
     vocab = embedding_rows(model)
     device = model.get_input_embeddings().weight.device
@@ -145,16 +125,17 @@ def packing_supported(model: Any, attn_implementation: str | None, probe: bool =
     return True, "attention stays within each packed sequence"
 
 
-@dataclass
+@dataclass(frozen=True)
 class BatchPlan:
-    """How SFT batches are built: ``packed`` rows (per-row or ``flat`` into one padding-free row) or padded ones."""
+    """How SFT batches are built for the loaded model, and what TRL's own batch flags must then say."""
 
-    packed: bool
-    flat: bool
+    packed: bool  # our packing: several conversations per row
+    flat: bool  # one padding-free row per batch
     attention: str
     neftune: str | None  # None, "transformers" (padded batches) or "per-sequence" (packed rows)
-    collator: Any = None
-    callbacks: list = field(default_factory=list)
+    neft_alpha: float | None
+    collator: Any
+    callbacks: list
 
     def describe(self) -> str:
         layout = ("packed rows flattened into one padding-free row" if self.packed and self.flat else
@@ -165,26 +146,30 @@ class BatchPlan:
     def prepare(self, dataset: Any, max_length: int) -> Any:
         return pack_sequences(dataset, max_length) if self.packed and dataset is not None else dataset
 
+    def trainer_args(self, training_args: Any) -> Any:
+        """A copy of the finalised ``training_args`` with TRL's batch flags set to this plan; the original is left
+        as parsed. TRL never packs (we pack ourselves); padding-free only for flat batches, whose data is already
+        truncated (so no max_length); transformers' NEFTune only for padded batches (packed rows use ours)."""
+        args = copy.copy(training_args)
+        args.packing = False
+        args.padding_free = self.flat
+        args.max_length = None if self.flat else training_args.max_length
+        args.neftune_noise_alpha = self.neft_alpha if self.neftune == "transformers" else None
+        return args
 
-def plan_batches(model: Any, training_args: Any, neft_alpha: float | None, pad_token_id: int) -> BatchPlan:
-    """Decide packing / padding-free / attention kernel / NEFTune for SFT and set TRL's flags to match.
+
+def plan_batches(model: Any, training_args: Any, pad_token_id: int) -> BatchPlan:
+    """Decide packing / padding-free / attention kernel / NEFTune for SFT from the (finalised) flags and the model.
 
     ``--packing`` (default on) packs when it is exact for this model (a known attention kernel and a measured
     no-leak probe; under ZeRO-3 the weights are not loaded yet, so the kernel alone decides). With FlashAttention-2
     the batch is flattened into one padding-free row, since its kernels honour ``position_ids`` only for a single
     row; ``--padding_free`` flattens any batch. Packed or flattened rows on sdpa run
-    :func:`medtrain.attention.varlen_attention_forward` (attention per sequence). TRL's own packing is turned off:
-    we pack ourselves (TRL's puts a whole batch into one long row).
+    :func:`medtrain.attention.varlen_attention_forward` (attention per sequence). ``training_args`` is only read:
+    the trainer gets :meth:`BatchPlan.trainer_args`.
     """
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    from .attention import register_varlen_attention
-
     attention = model.config._attn_implementation
     packed = bool(training_args.packing)
-    if packed and getattr(training_args, "packing_strategy", "bfd") != "bfd":
-        raise ConfigError(f"--packing_strategy {training_args.packing_strategy}: conversations are packed whole "
-                          "(bfd); splitting them across rows is not supported.")
     if packed or training_args.padding_free:
         ok, why = packing_supported(model, attention, probe=not is_deepspeed_zero3_enabled())
         if not ok and training_args.padding_free:
@@ -196,21 +181,15 @@ def plan_batches(model: Any, training_args: Any, neft_alpha: float | None, pad_t
     if (packed or flat) and attention == "sdpa":
         model.set_attn_implementation(register_varlen_attention())
         attention = model.config._attn_implementation
-    # TRL: never its own packing; padding-free only for flat batches (the data is already truncated)
-    training_args.packing = False
-    training_args.padding_free = flat
-    if flat:
-        training_args.max_length = None
     collator = PackedRowsCollator(pad_token_id, training_args.pad_to_multiple_of) if packed and not flat else None
+    neft_alpha = training_args.neftune_noise_alpha
     neftune, callbacks = None, []
     if neft_alpha:
         if packed or flat:
             neftune, callbacks = "per-sequence", [NEFTuneCallback(neft_alpha)]
-            training_args.neftune_noise_alpha = None
         else:
             neftune = "transformers"
-            training_args.neftune_noise_alpha = neft_alpha
-    return BatchPlan(packed, flat, attention, neftune, collator, callbacks)
+    return BatchPlan(packed, flat, attention, neftune, neft_alpha, collator, callbacks)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,13 +1,12 @@
 """User-facing errors: one clear message (what, where, the fix), no traceback.
 
-Stage scripts wrap ``main`` with :func:`run_main`; anything raised as a :class:`UserError`
-is printed as ``error: <message>`` and the process exits with status 2.
+Stage scripts wrap ``main`` with :func:`medtrain.entrypoint.run_main`; anything raised as a :class:`UserError`
+is printed as ``error: <message>`` and the process exits with status 2. This module imports nothing from medtrain,
+so every other module can import it.
 """
 
 from __future__ import annotations
 
-import sys
-from typing import Any, Callable
 
 
 class UserError(Exception):
@@ -33,21 +32,3 @@ class DataError(UserError):
         if field:
             where += f"{field}: "
         super().__init__(where + message)
-
-
-def run_main(main: Callable[[], Any]) -> Any:
-    """Run ``main``; report a :class:`UserError` as one line on stderr and exit 2.
-
-    Under torchrun (a process group is open) the process ends here once ``main`` returns: see
-    :func:`medtrain.distributed.exit_distributed_process`.
-    """
-    try:
-        result = main()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    from .distributed import exit_distributed_process  # lazy: distributed imports this module
-
-    exit_distributed_process(result if isinstance(result, int) else 0)
-    return result
-

@@ -1,14 +1,31 @@
-"""Run set-up every stage shares: logging, the output directory guard, tensorboard location, environment report."""
+"""Run set-up every stage shares: process-level settings, logging, seeding, the output directory guard, the
+environment report. :func:`start_run` is the one place a stage changes its process (environment variables, malloc,
+DeepSpeed communication); importing medtrain or parsing flags changes nothing.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from typing import Any
 
+import datasets
+import torch
+import transformers
+from transformers import set_seed
+
+from .allocator import apply_allocator_settings
 from .checkpoints import resolve_resume
+from .distributed import (
+    default_single_process_env,
+    local_world_size_from_env,
+    read_deepspeed_config,
+    start_deepspeed_comm,
+    summarize_deepspeed,
+)
 from .errors import ConfigError
 
 logger = logging.getLogger("medtrain")
@@ -16,8 +33,6 @@ logger = logging.getLogger("medtrain")
 
 def setup_logging(training_args: Any) -> None:
     """Library logs at INFO on the main process, WARNING on the others."""
-    import datasets
-    import transformers
 
     level = logging.INFO if training_args.process_index == 0 else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
@@ -44,16 +59,11 @@ def prepare_output_dir(training_args: Any, overwrite_output_dir: bool = False) -
             f"output_dir {output_dir} exists and is not empty. Resume with --resume_from_checkpoint auto, "
             "choose another --output_dir, or pass --overwrite_output_dir to write into it anyway."
         )
-    # tensorboard events go to output_dir/logs (transformers 5 removed TrainingArguments.logging_dir)
-    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(output_dir, "logs")
     return resume
 
 
 def describe_environment(training_args: Any) -> dict:
     """What this launch uses: ranks and nodes, backend, device, precision, DeepSpeed stage, global batch."""
-    import torch
-
-    from .distributed import local_world_size_from_env, read_deepspeed_config, summarize_deepspeed
 
     world_size = training_args.world_size
     deepspeed = training_args.deepspeed
@@ -93,7 +103,6 @@ def write_results(output_dir: str, split: str, metrics: dict) -> str:
 
 
 def perplexity(loss: float) -> float:
-    import math
 
     try:
         return math.exp(loss)
@@ -101,16 +110,33 @@ def perplexity(loss: float) -> float:
         return float("inf")
 
 
+def apply_process_settings(training_args: Any) -> dict:
+    """Environment variables, malloc, and DeepSpeed's communication layer, in the order a stage needs them.
+
+    1. ``--deepspeed`` outside a launcher: the environment of a one-process torchrun (rank 0 of 1, a free port);
+       without it DeepSpeed looks for MPI ("No module named 'mpi4py'").
+    2. CPU allocator settings (medtrain/allocator.py), before the first tensor of the run.
+    3. tensorboard events to ``output_dir/logs`` (transformers 5 removed TrainingArguments.logging_dir).
+    4. DeepSpeed's comm layer on gloo (CPU), before any model is loaded: ZeRO-3 partitions weights while loading.
+    """
+    launched_alone = default_single_process_env() if training_args.deepspeed else False
+    allocator = apply_allocator_settings()
+    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(training_args.output_dir, "logs")
+    deepspeed_comm = start_deepspeed_comm(training_args)
+    return dict(allocator, single_process_env=launched_alone, deepspeed_comm=deepspeed_comm)
+
+
 def start_run(training_args: Any, overwrite_output_dir: bool = False) -> str | None:
-    """Logging, seeding, the output-dir guard and the environment report, in the order every stage needs.
+    """Process settings, logging, seeding, the output-dir guard and the environment report, in the order every
+    stage needs; called after :func:`medtrain.arguments.finalize` and before any tokenizer, data or model.
 
     Seeding happens here, before any model is built, because LoRA and reward heads are randomly initialised
     before Trainer seeds itself; without it two runs (or a run and its resume) start from different adapters.
     Returns the checkpoint to resume from, if any.
     """
-    from transformers import set_seed
-
+    settings = apply_process_settings(training_args)
     setup_logging(training_args)
+    logger.info("process settings: %s", json.dumps(settings))
     set_seed(training_args.seed)
     resume = prepare_output_dir(training_args, overwrite_output_dir)
     describe_environment(training_args)

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from conftest import run_script
-from medtrain.errors import run_main
+from medtrain.entrypoint import run_main
 
 GOOD_SFT = {"conversations": [{"from": "human", "value": "Fever?"}, {"from": "gpt", "value": "Rest."}]}
 GOOD_PAIR = {"conversations": [{"from": "human", "value": "Fever?"}], "chosen": "Rest and water.", "rejected": "No."}

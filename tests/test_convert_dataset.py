@@ -14,7 +14,7 @@ if str(ROOT) not in sys.path:  # the scripts live in the repo root, next to medt
     sys.path.insert(0, str(ROOT))
 
 import convert_dataset  # noqa: E402
-from medtrain.errors import run_main  # noqa: E402
+from medtrain.entrypoint import run_main  # noqa: E402
 from medtrain.formats import load_conversations  # noqa: E402
 
 

@@ -136,7 +136,7 @@ def worker(stage: str, probe_dir: str, args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from medtrain.errors import run_main
+    from medtrain.entrypoint import run_main
 
     run_main(lambda: worker(sys.argv[1], sys.argv[2], sys.argv[4:] if sys.argv[3:4] == ["--"] else sys.argv[3:]))
     sys.exit(0)
@@ -397,7 +397,7 @@ def test_launchers_hand_the_node_layout_to_torchrun(tmp_path, tiny_dir, script, 
 GLOO_STAGE = """
 import atexit, pathlib, sys, threading, time
 import torch, torch.distributed as dist
-from medtrain.errors import run_main
+from medtrain.entrypoint import run_main
 out = pathlib.Path(sys.argv[1])
 dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=0, world_size=1)
 def main():
@@ -432,7 +432,7 @@ def test_a_stage_under_torchrun_exits_cleanly_while_gloo_still_drops_tensors(tmp
 
 
 def test_run_main_without_a_process_group_returns_and_never_imports_torch():
-    code = "import sys\nfrom medtrain.errors import run_main\nprint(run_main(lambda: 3), 'torch' in sys.modules)\n"
+    code = "import sys\nfrom medtrain.entrypoint import run_main\nprint(run_main(lambda: 3), 'torch' in sys.modules)\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr

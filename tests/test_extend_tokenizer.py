@@ -96,7 +96,7 @@ def test_cli_prints_summary(base_dir, tmp_path):
 
 def _run_in_process(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
     import extend_tokenizer as script
-    from medtrain.errors import run_main
+    from medtrain.entrypoint import run_main
 
     monkeypatch.setattr("sys.argv", ["extend_tokenizer.py", *args])
     with pytest.raises(SystemExit) as exit_info:

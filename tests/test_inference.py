@@ -15,7 +15,7 @@ import torch
 
 from conftest import ROOT
 from medtrain.chat_format import get_chat_format, save_chat_format
-from medtrain.errors import run_main
+from medtrain.entrypoint import run_main
 from medtrain.tokenization import encode_dialog
 
 import inference

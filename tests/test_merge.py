@@ -15,7 +15,7 @@ import torch
 
 from conftest import CHATML_TEMPLATE, MERGE_ATOL, build_model, build_tokenizer, run_script
 from medtrain.chat_format import RECORD_FILE, get_chat_format, save_chat_format
-from medtrain.errors import run_main
+from medtrain.entrypoint import run_main
 from medtrain.merging import probe_batch
 
 import merge_peft_adapter

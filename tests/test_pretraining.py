@@ -233,7 +233,7 @@ def test_streaming_is_lazy(tokenizer, tmp_path):
 
 def _run_in_process(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
     import pretraining
-    from medtrain.errors import run_main
+    from medtrain.entrypoint import run_main
 
     monkeypatch.setattr("sys.argv", ["pretraining.py", *args])
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "unused")

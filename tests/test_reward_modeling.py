@@ -15,7 +15,7 @@ import torch
 
 from conftest import MERGE_ATOL, ROOT, requires_shared, run_script, shared_path
 from medtrain.chat_format import get_chat_format, load_recorded_chat_format
-from medtrain.errors import run_main
+from medtrain.entrypoint import run_main
 from medtrain.formats import load_preferences
 from medtrain.preference import encode_pairs, render_pair
 from medtrain.reward import (
