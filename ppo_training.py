@@ -66,6 +66,21 @@ def config_class(rl_algo: str) -> type:
     return {"rloo": RLOOConfig, "grpo": GRPOConfig}.get(rl_algo, TrainingArguments)
 
 
+def parse_config(args: list[str] | None = None) -> tuple:
+    """Two-pass parse: ``--rl_algo`` first (flag or arguments file), since it picks the trainer's config class, then
+    every dataclass. Returns ``(model, lora, data, run, rl, ppo (None for rloo/grpo), training)`` arguments."""
+    argv = list(sys.argv[1:] if args is None else args)
+    trainer_config = config_class(peek_arg("rl_algo", "ppo", argv))
+    if trainer_config is TrainingArguments:
+        return tuple(parse_args(
+            [ModelArguments, LoraArguments, DataArguments, RunArguments, RLArguments, PPOArguments, trainer_config],
+            argv, stage_defaults={"output_dir": "outputs-ppo", "learning_rate": 1e-5, "logging_steps": 1}))
+    model_args, lora_args, data_args, run_args, rl_args, training_args = parse_args(
+        [ModelArguments, LoraArguments, DataArguments, RunArguments, RLArguments, trainer_config],
+        argv, stage_defaults={"output_dir": "outputs-rl"})
+    return model_args, lora_args, data_args, run_args, rl_args, None, training_args
+
+
 def check_no_validation_data(data_args: DataArguments) -> None:
     """No stage here evaluates on held-out prompts, so validation data would be read and silently unused."""
     if data_args.validation_file_dir or data_args.validation_split_percentage:
@@ -104,19 +119,8 @@ def encode_prompts(records: list[dict], tokenizer, chat_format, max_length: int,
 
 
 def main(args: list[str] | None = None):
-    # Configuration: --rl_algo first (flag or arguments file: it picks the trainer's config class), then the full
-    # parse (pure), derive and check everything once, then set up the process
-    argv = list(sys.argv[1:] if args is None else args)
-    trainer_config = config_class(peek_arg("rl_algo", "ppo", argv))
-    dataclasses = [ModelArguments, LoraArguments, DataArguments, RunArguments, RLArguments, trainer_config]
-    if trainer_config is TrainingArguments:
-        dataclasses.insert(-1, PPOArguments)
-        parsed = parse_args(dataclasses, argv, stage_defaults={"output_dir": "outputs-ppo", "learning_rate": 1e-5,
-                                                                    "logging_steps": 1})
-        model_args, lora_args, data_args, run_args, rl_args, ppo_args, training_args = parsed
-    else:
-        parsed = parse_args(dataclasses, argv, stage_defaults={"output_dir": "outputs-rl"})
-        model_args, lora_args, data_args, run_args, rl_args, training_args = parsed
+    # Configuration: parse (pure; --rl_algo picks the trainer's config), derive and check once, set up the process
+    model_args, lora_args, data_args, run_args, rl_args, ppo_args, training_args = parse_config(args)
     finalize(model_args, lora_args, data_args, training_args, checks=(lambda: check_no_validation_data(data_args),))
     resume = start_run(training_args, run_args.overwrite_output_dir)
 
@@ -134,8 +138,8 @@ def main(args: list[str] | None = None):
     check_reward_model_matches(tokenizer, chat_format, scorer)
 
     # Prompts
-    train_records, _ = load_splits(  # no validation split: refused by check_no_validation_datadata_args, load_prompts, seed=training_args.seed,
-                                              report_dir=training_args.output_dir)
+    # (no validation split: check_no_validation_data refuses one rather than drop its prompts silently)
+    train_records, _ = load_splits(data_args, load_prompts, seed=training_args.seed, report_dir=training_args.output_dir)
     train_prompts = encode_prompts(train_records, tokenizer, chat_format, rl_args.max_prompt_length, "train")
 
     # Policy (+ LoRA adapter)

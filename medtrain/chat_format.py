@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError, UserError
+from .templates import get_conv_template
 
 DEFAULT_TEMPLATE = "vicuna"
 RECORD_FILE = "medtrain_chat_format.json"
@@ -106,7 +107,6 @@ def get_chat_format(tokenizer: Any, template_name: str | None, system_prompt: st
     """``--template_name`` if given; else the tokenizer's chat template; else vicuna (the seed's base-model default)."""
     if not template_name and getattr(tokenizer, "chat_template", None):
         return TokenizerChatFormat(tokenizer, system_prompt)
-    from .templates import get_conv_template
 
     return TemplateChatFormat(get_conv_template(template_name or DEFAULT_TEMPLATE), system_prompt)
 

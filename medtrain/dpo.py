@@ -21,6 +21,7 @@ from trl import DPOConfig, DPOTrainer
 
 from .arguments import DataArguments, LoraArguments, ModelArguments
 from .errors import ConfigError
+from .modeling import embedding_rows, load_model
 from .preference import DPO_TRUNCATION_CHOICES, encode_pairs
 
 logger = logging.getLogger(__name__)
@@ -222,8 +223,6 @@ def load_reference_model(model: Any, model_args: ModelArguments, lora_args: Lora
     adapter disabled). Full training: a frozen copy of the starting weights, except with
     ``--precompute_ref_log_probs``, where the policy itself scores the data once before its first update.
     """
-    from .modeling import embedding_rows, load_model
-
     if dpo_args.ref_model_name_or_path:
         _check_same_tokenizer(dpo_args.ref_model_name_or_path, model_args, tokenizer)
         ref_args = dataclasses.replace(model_args, model_name_or_path=dpo_args.ref_model_name_or_path)
@@ -274,6 +273,8 @@ class PretokenizedDPOTrainer(DPOTrainer):
     TRL 1.16 would re-extract and re-tokenize them (and fail, since there is no text), so preparation is skipped.
     """
 
+    # Private hook: DPOConfig has no public switch to skip TRL's preparation (SFTConfig's dataset_kwargs
+    # skip_prepare_dataset has no DPO twin in TRL 1.16). Signature pinned by tests/test_configuration.py.
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         missing = [column for column in ID_COLUMNS if column not in dataset.column_names]
         if missing:

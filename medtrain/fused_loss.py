@@ -170,7 +170,8 @@ class EfficientSFTTrainer(SFTTrainer):
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss.to(loss.device) / steps
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
-        # The metrics TRL logs, from the same chunks
+        # The metrics TRL logs, from the same chunks. TRL's private metric store (_metrics, _total_train_tokens) is the
+        # only way to add to what SFTTrainer.log() averages and prints; pinned by tests/test_configuration.py.
         gather = self.accelerator.gather_for_metrics
         valid = gather(num_valid).sum()
         self._metrics[mode]["entropy"].append((gather(entropy.detach()).sum() / valid).item() if valid > 0 else 0.0)

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
+from .arguments import ModelArguments
 from .chat_format import RECORD_FILE, load_recorded_chat_format, resolve_chat_format
 from .errors import ConfigError, UserError
+from .modeling import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -422,9 +424,6 @@ def load_adapted_model(base_model: str, info: AdapterInfo, tokenizer: Any, model
 
 def load_merge_tokenizer(tokenizer_path: str | None, adapter_dir: str, base_model: str, trust_remote_code: bool) -> Any:
     """``--tokenizer_path``, else the tokenizer saved with the adapter (training saves it), else the base's."""
-    from .arguments import ModelArguments
-    from .modeling import load_tokenizer
-
     path = tokenizer_path or (
         adapter_dir if os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json")) else base_model
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import UserError
+from .tokenization import _needs_bos
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,6 @@ def encode_pair(
     (all of them if the replies leave room) and both replies are cut at the end to the rest; every pair fits.
     ``drop``: nothing is cut. Returns None when the pair cannot fit.
     """
-    from .tokenization import _needs_bos
-
     pieces, chosen_text, rejected_text = render_pair(chat_format, record)
     prompt_ids: list[int] = []
     for prompt, answer in pieces:

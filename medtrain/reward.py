@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from trl import RewardTrainer
 
 from .arguments import ModelArguments
+from .chat_format import resolve_chat_format
 from .errors import ConfigError, UserError
 from .formats import iter_json_records, load_conversations, load_preferences
+from .modeling import load_model, load_tokenizer
 from .preference import TRUNCATION_CHOICES, encode_pair
 
 logger = logging.getLogger(__name__)
@@ -104,8 +106,6 @@ def load_reward_base(model_args: ModelArguments, tokenizer: Any, max_length: int
 
     ``max_length`` (the training length) lets ``--rope_scaling`` derive its factor, as for the other stages.
     """
-    from .modeling import load_model
-
     model = load_model(model_args, auto_class=_RewardModelClass, tokenizer=tokenizer, max_length=max_length)
     # The score is read at the last token != config.pad_token_id, so it must be the id batches are padded with.
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -129,8 +129,6 @@ def _is_reward_checkpoint(path: str) -> bool:
 
 def load_reward_tokenizer(path: str, base: str | None = None, trust_remote_code: bool = False) -> Any:
     """The tokenizer saved with the reward model (training saves it), else the base model's."""
-    from .modeling import load_tokenizer
-
     source = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base
     if source is None:
         source = _adapter_config(path)["base_model_name_or_path"] if _is_adapter(path) else path
@@ -165,8 +163,6 @@ def load_reward_model(
     one-output classifier, resized to the tokenizer as training did, and the adapter (LoRA weights + trained head)
     applied on top (``merge=True`` folds it in). ``model_args`` carries dtype/quantization/trust_remote_code.
     """
-    from .modeling import load_model
-
     if not os.path.isdir(path_or_adapter):
         raise ConfigError(f"reward model {path_or_adapter}: no such directory.")
     model_args = model_args or ModelArguments()
@@ -218,8 +214,6 @@ def load_reward_scorer(
     batch_size: int = 8,
 ) -> "RewardScorer":
     """Model, tokenizer and the chat format recorded at training time, ready to score."""
-    from .chat_format import resolve_chat_format
-
     model_args = model_args or ModelArguments()
     tokenizer = load_reward_tokenizer(path_or_adapter, base, model_args.trust_remote_code)
     model = load_reward_model(path_or_adapter, base, tokenizer=tokenizer, model_args=model_args)
@@ -327,6 +321,8 @@ class RewardModelTrainer(RewardTrainer):
         if self.args.center_rewards_coefficient is not None:
             loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
 
+        # TRL's private metric store (_metrics, _total_train_tokens, _tp_size) is what RewardTrainer.log() averages;
+        # there is no public way to add to it. Pinned by tests/test_configuration.py.
         if mode == "train":  # (TRL also copies this training count into the eval logs; here it stays in train)
             tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size

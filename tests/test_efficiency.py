@@ -378,7 +378,7 @@ def test_sft_packs_by_default_and_reports_supervised_tokens(tiny_chat_model_dir,
     from medtrain.fused_loss import EfficientSFTTrainer
 
     data = _write_chat_data(tmp_path / "data")
-    trainer = _sft(tiny_chat_model_dir, data, tmp_path / "packed", "--num_train_epochs", "1", "--neft_alpha", "5")
+    trainer = _sft(tiny_chat_model_dir, data, tmp_path / "packed", "--num_train_epochs", "1", "--neftune_noise_alpha", "5")
     assert isinstance(trainer, EfficientSFTTrainer) and trainer._fused
     assert trainer.model.config._attn_implementation == "varlen_sdpa"
     assert isinstance(trainer.data_collator, PackedRowsCollator)
@@ -392,7 +392,7 @@ def test_sft_packs_by_default_and_reports_supervised_tokens(tiny_chat_model_dir,
     assert results["train_tokens"] == sum(map(len, rows["input_ids"]))
     # --packing False: padded batches, transformers' NEFTune, 2 steps of 2 samples
     plain = _sft(tiny_chat_model_dir, data, tmp_path / "plain", "--num_train_epochs", "1", "--packing", "False",
-                 "--neft_alpha", "5")
+                 "--neftune_noise_alpha", "5")
     assert plain.state.global_step == 2 and plain.args.neftune_noise_alpha == 5.0
     assert plain.model.config._attn_implementation == "sdpa" and "seq_lengths" not in plain.train_dataset.column_names
 
@@ -427,8 +427,11 @@ def test_moe_lora_reports_the_router_aux_loss(tmp_path):
 
 # --- CPU allocator ----------------------------------------------------------------------------------------------------
 
+# As in a stage: torch/transformers/trl are imported at the top of the script, start_run applies the settings later.
 _THP_CODE = """
-import trl, medtrain, torch
+import trl, torch
+from medtrain.allocator import apply_allocator_settings
+apply_allocator_settings()
 x = torch.ones(50_000_000)
 print(next(int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')))
 """
@@ -447,7 +450,7 @@ def _anon_huge_kb(env_value: str | None) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def test_importing_medtrain_puts_large_tensors_in_huge_pages_unless_turned_off():
+def test_start_run_allocator_settings_put_large_tensors_in_huge_pages_after_torch_is_imported_unless_turned_off():
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not thp.is_file() or "[never]" in thp.read_text() or not Path("/proc/self/smaps_rollup").is_file():
         pytest.skip("transparent huge pages are unavailable on this machine")
@@ -456,7 +459,9 @@ def test_importing_medtrain_puts_large_tensors_in_huge_pages_unless_turned_off()
 
 
 _REUSE_CODE = """
-import os, medtrain, torch
+import os, torch
+from medtrain.allocator import apply_allocator_settings
+apply_allocator_settings()
 page = os.sysconf("SC_PAGE_SIZE")
 def resident_mb():
     with open("/proc/self/statm") as f:
@@ -486,7 +491,7 @@ def _returned_mb(env_value: str | None) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def test_importing_medtrain_keeps_freed_large_blocks_unless_turned_off():
+def test_start_run_allocator_settings_keep_freed_large_blocks_unless_turned_off():
     if not sys.platform.startswith("linux") or not _glibc():
         pytest.skip("glibc malloc only")
     # Kept, a freed 61 MiB tensor stays resident for the next step's allocations to reuse without faulting pages in
