@@ -32,8 +32,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from medtrain.errors import ConfigError, DataError
 from medtrain.entrypoint import run_main
+from medtrain.errors import ConfigError, DataError
 from medtrain.formats import Record, iter_json_records, read_text
 
 FORMATS_BY_SUFFIX = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from medtrain.arguments import parse_args
-from medtrain.errors import ConfigError, DataError, UserError
 from medtrain.entrypoint import run_main
+from medtrain.errors import ConfigError, DataError, UserError
 from medtrain.formats import find_data_files, read_text
 from medtrain.pretrain_data import SEPARATORS, TEXT_EXTENSIONS, iter_documents
 

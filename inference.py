@@ -24,8 +24,8 @@ from transformers import GenerationConfig, TextStreamer
 
 from medtrain.arguments import ModelArguments, parse_args
 from medtrain.chat_format import RECORD_FILE, load_recorded_chat_format, resolve_chat_format
-from medtrain.errors import ConfigError
 from medtrain.entrypoint import run_main
+from medtrain.errors import ConfigError
 from medtrain.formats import find_data_files, load_prompts
 from medtrain.merging import check_base_path, detect_model_type, load_adapted_model, load_base, read_adapter
 from medtrain.modeling import load_tokenizer, resolve_dtype

@@ -10,10 +10,8 @@ import json
 import math
 import os
 
-from medtrain.errors import UserError
-
-
 from medtrain.entrypoint import run_main
+from medtrain.errors import UserError
 
 
 def _json(path: str) -> dict:
@@ -65,6 +63,7 @@ def stage_metrics(pipeline_dir: str) -> list[tuple[str, str]]:
 
 
 def answers(model_dir: str, questions: list[list[dict]], max_new_tokens: int) -> list[str]:
+    # local: torch/transformers load only when answers are asked for; the summary tables need none of them
     from inference import generate_responses
     from medtrain.arguments import ModelArguments
     from medtrain.chat_format import resolve_chat_format

@@ -22,11 +22,19 @@ from accelerate.utils import DeepSpeedPlugin
 from transformers import TrainingArguments
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args, peek_arg
+from medtrain.arguments import (
+    DataArguments,
+    LoraArguments,
+    ModelArguments,
+    RunArguments,
+    finalize,
+    parse_args,
+    peek_arg,
+)
 from medtrain.chat_format import resolve_chat_format, save_chat_format
 from medtrain.data import load_splits
-from medtrain.errors import ConfigError, DataError
 from medtrain.entrypoint import run_main
+from medtrain.errors import ConfigError, DataError
 from medtrain.formats import load_prompts
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
 from medtrain.ppo import PPOArguments, PPOTrainer

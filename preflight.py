@@ -20,19 +20,19 @@ import shutil
 
 from medtrain.distributed import (
     LaunchPlan,
+    backend_for,
+    bf16_supported,
     check_bindable,
     check_master,
+    cpu_bf16_native,
     deepspeed_problems,
     launch_env,
     read_deepspeed_config,
     serve_master,
     summarize_deepspeed,
 )
-from medtrain.errors import ConfigError
-
-
 from medtrain.entrypoint import run_main
-
+from medtrain.errors import ConfigError
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     env = launch_env()
@@ -68,9 +68,7 @@ def check_network(plan: LaunchPlan, timeout: float) -> None:
 
 def describe_device(plan: LaunchPlan, problems: list[str]) -> bool:
     """Print the device and backend; returns whether CUDA is used."""
-    import torch
-
-    from medtrain.distributed import backend_for
+    import torch  # local: preflight answers its network checks in seconds, before torch loads
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -89,8 +87,6 @@ def describe_device(plan: LaunchPlan, problems: list[str]) -> bool:
 
 
 def describe_precision(cuda: bool, bf16: bool, fp16: bool, problems: list[str]) -> None:
-    from medtrain.distributed import bf16_supported, cpu_bf16_native
-
     if cuda:
         bf16_ok = bf16_supported(cuda=True)
         support = f"bf16 {'supported' if bf16_ok else 'NOT supported (pre-Ampere): use --fp16'}, fp16 supported"

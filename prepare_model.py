@@ -27,9 +27,8 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medtrain.errors import UserError
-
 from medtrain.entrypoint import run_main
+from medtrain.errors import UserError
 
 if TYPE_CHECKING:  # heavy imports stay inside functions so --help and the checks below answer at once
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -22,8 +22,8 @@ from transformers import AutoConfig, Trainer, TrainingArguments
 
 from medtrain.arguments import LoraArguments, ModelArguments, RunArguments, finalize, parse_args
 from medtrain.checkpoints import CompleteCheckpointCallback
-from medtrain.errors import UserError
 from medtrain.entrypoint import run_main
+from medtrain.errors import UserError
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
 from medtrain.pretrain_data import (
     PretrainCollator,

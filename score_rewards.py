@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass, field
 
 from medtrain.arguments import TORCH_DTYPES, ModelArguments, parse_args
-from medtrain.errors import ConfigError
 from medtrain.entrypoint import run_main
+from medtrain.errors import ConfigError
 from medtrain.formats import find_data_files
 from medtrain.reward import load_reward_scorer, load_scoring_records, score_records, write_jsonl
 

@@ -11,6 +11,7 @@ import torch
 from .arguments import LoraArguments, ModelArguments
 from .attention import enable_shift_attn
 from .errors import ConfigError, UserError
+from .fused_lora import fuse_lora_layers
 from .rope import apply_rope_scaling
 
 logger = logging.getLogger(__name__)
@@ -192,8 +193,6 @@ def apply_lora(model: Any, lora_args: LoraArguments, task_type: str = "CAUSAL_LM
             raise ConfigError(f"--target_modules {lora_args.target_modules}: {str(err).splitlines()[0]}") from None
     fix_bnb_cpu_training(model)
     if lora_args.fused_lora:
-        from medtrain.fused_lora import fuse_lora_layers
-
         fused = fuse_lora_layers(model)
         if fused:
             logger.info("fused LoRA branch on %d layers (--fused_lora False for PEFT's own forward)", fused)

