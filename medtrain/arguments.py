@@ -291,9 +291,10 @@ def parse_args(dataclass_types: list[type], args: list[str] | None = None, stage
         # explicit --gradient_checkpointing still takes effect.
         defaults.update(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=None)
     defaults.update(report_to=["tensorboard"])
-    # The trainer's max_length is derived from --model_max_length by finalize(); None here tells an explicit
-    # --max_length (checked there) from the config class's own default.
-    defaults.update(max_length=None)
+    if "model_max_length" in known:
+        # The trainer's max_length is derived from --model_max_length by finalize(); None here tells an explicit
+        # --max_length (checked there) from the config class's own default.
+        defaults.update(max_length=None)
     defaults.update(stage_defaults or {})
     if args and args[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(args[0]):
         file_args = _file_args(args[0])
