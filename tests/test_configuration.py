@@ -168,6 +168,13 @@ def test_trainer_max_length_is_derived_from_model_max_length_and_a_conflicting_o
         finalize(*parse_args(types, [*base, "--max_length", "64"]))
 
 
+def test_a_script_without_model_max_length_keeps_its_own_max_length():
+    import score_rewards
+
+    (score_args,) = parse_args([score_rewards.ScoreArguments], ["--model", "m", "--data_file", "d", "--output_file", "o"])
+    assert score_args.max_length == 1024
+
+
 def test_finalize_reports_every_problem_at_once():
     from trl import SFTConfig
 
