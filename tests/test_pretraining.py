@@ -171,6 +171,7 @@ def test_block_size_is_capped_at_the_model_length(caplog):
     from medtrain.arguments import ModelArguments
     from pretraining import trainable_length
 
+    caplog.clear()  # importing pretraining may log from third-party imports (bitsandbytes' kernel lookup)
     with caplog.at_level(logging.WARNING):
         assert resolve_block_size(4096, 512) == 512
     assert caplog.messages == ["--block_size 4096 is larger than the model supports (512 positions); using 512"]
