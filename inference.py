@@ -19,17 +19,15 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
-from transformers import GenerationConfig, TextStreamer
+from transformers import TextStreamer
 
-from medtrain.arguments import ModelArguments, parse_args
-from medtrain.chat_format import RECORD_FILE, load_recorded_chat_format, resolve_chat_format
+from medtrain.arguments import parse_args
 from medtrain.entrypoint import run_main
 from medtrain.errors import ConfigError
 from medtrain.formats import find_data_files, load_prompts
-from medtrain.merging import check_base_path, detect_model_type, load_adapted_model, load_base, read_adapter
-from medtrain.modeling import load_tokenizer, resolve_dtype
-from medtrain.tokenization import encode_dialog
+from medtrain.generation import (  # noqa: F401  (re-exported: inference.prompt_ids etc. keep working)
+    decode_response, generate_responses, generation_config, load_for_inference, prompt_ids, stop_token_ids,
+)
 
 logger = logging.getLogger("medtrain.inference")
 
@@ -98,109 +96,6 @@ class InferenceArguments:
 # Prompts and generation
 
 
-def prompt_ids(tokenizer: Any, chat_format: Any, messages: list[dict]) -> list[int]:
-    """Token ids of ``messages`` (ending with a user turn) up to the assistant header, as training tokenises them.
-
-    Each turn's pieces are tokenised separately, exactly like ``encode_dialog`` in SFT, so the ids equal the
-    training ids of the same conversation minus the answer still to be generated.
-    """
-    pieces = chat_format.dialog(list(messages) + [{"role": "assistant", "content": ""}])
-    pieces[-1] = (pieces[-1][0], "")
-    return encode_dialog(tokenizer, pieces, max_length=sys.maxsize).input_ids
-
-
-def stop_token_ids(tokenizer: Any, chat_format: Any, model: Any = None) -> list[int]:
-    """Ids that end an answer: the model's and tokenizer's eos, and the format's stop string if it is one token."""
-    ids: list[int] = []
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for token_id in (eos if isinstance(eos, (list, tuple)) else [eos]) + [tokenizer.eos_token_id]:
-        if token_id is not None and token_id not in ids:
-            ids.append(token_id)
-    if chat_format.stop_str:
-        stop = tokenizer.encode(chat_format.stop_str, add_special_tokens=False)
-        if len(stop) == 1 and stop[0] not in ids:
-            ids.append(stop[0])
-    return ids
-
-
-def decode_response(tokenizer: Any, chat_format: Any, new_ids: list[int], stop_ids: list[int]) -> str:
-    """The answer text: generated ids up to the first stop token / stop string, without special tokens."""
-    for i, token_id in enumerate(new_ids):
-        if token_id in stop_ids:
-            new_ids = new_ids[:i]
-            break
-    text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    if chat_format.stop_str and chat_format.stop_str in text:
-        text = text.split(chat_format.stop_str, 1)[0]
-    return text.strip()
-
-
-def generation_config(tokenizer: Any, stop_ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
-                      repetition_penalty: float, stop_str: str | None) -> GenerationConfig:
-    """A complete config (the checkpoint's sampling defaults do not leak in): greedy when temperature is 0."""
-    sample = temperature > 0
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
-        top_p=top_p if sample else None, top_k=None, repetition_penalty=repetition_penalty,
-        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
-    )
-    if stop_str and len(tokenizer.encode(stop_str, add_special_tokens=False)) > 1:
-        config.stop_strings = [stop_str]  # a multi-token end-of-turn text (needs tokenizer= in generate)
-    return config
-
-
-@torch.no_grad()
-def _generate_batch(model: Any, tokenizer: Any, batch: list[list[int]], config: GenerationConfig,
-                    streamer: Any = None) -> list[list[int]]:
-    """New token ids for each prompt; prompts are left-padded so every row continues at the same column."""
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids):] = 1
-    device = next(model.parameters()).device
-    output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                            generation_config=config, streamer=streamer, tokenizer=tokenizer)
-    return [row[width:].tolist() for row in output.cpu()]
-
-
-def generate_responses(
-    model: Any,
-    tokenizer: Any,
-    chat_format: Any,
-    conversations: list[list[dict]],
-    max_new_tokens: int = 256,
-    batch_size: int = 8,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    streamer: Any = None,
-) -> list[str]:
-    """Answer each conversation (message lists ending with a user turn); greedy unless ``temperature`` > 0.
-
-    Prompts are rendered with ``chat_format`` and tokenised as training did (:func:`prompt_ids`); batches group
-    prompts of similar length, and the answers come back in the input order.
-    """
-    was_training = model.training
-    model.eval()
-    encoded = [prompt_ids(tokenizer, chat_format, messages) for messages in conversations]
-    stop_ids = stop_token_ids(tokenizer, chat_format, model)
-    config = generation_config(tokenizer, stop_ids, max_new_tokens, temperature, top_p, repetition_penalty,
-                               chat_format.stop_str)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
-    responses = [""] * len(encoded)
-    try:
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            new_ids = _generate_batch(model, tokenizer, [encoded[i] for i in index], config, streamer)
-            for i, ids in zip(index, new_ids):
-                responses[i] = decode_response(tokenizer, chat_format, ids, stop_ids)
-    finally:
-        model.train(was_training)
-    return responses
-
-
 class ChatStreamer(TextStreamer):
     """Prints the answer as it is generated, without the end-of-turn text or anything after it."""
 
@@ -231,48 +126,6 @@ class ChatStreamer(TextStreamer):
 
 # --------------------------------------------------------------------------------------------------------------
 # Loading
-
-
-def load_for_inference(args: InferenceArguments) -> tuple[Any, Any, Any]:
-    """Model (adapter merged in memory), left-padding tokenizer and the chat format; the format used is printed."""
-    check_base_path(args.base_model)
-    adapter = read_adapter(args.lora_model) if args.lora_model else None
-    tokenizer_dir = args.tokenizer_path or (
-        args.lora_model if args.lora_model and os.path.isfile(os.path.join(args.lora_model, "tokenizer_config.json"))
-        else args.base_model
-    )
-    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=tokenizer_dir,
-                                              trust_remote_code=args.trust_remote_code), padding_side="left")
-    model_dirs = [d for d in (args.lora_model, args.base_model) if d]
-    chat_format = resolve_chat_format(tokenizer, model_dirs, args.template_name, args.system_prompt)
-    print(f"chat format: {json.dumps(chat_format.record(), ensure_ascii=False)} ({_format_source(args, model_dirs)})",
-          file=sys.stderr, flush=True)
-
-    dtype = resolve_dtype(args.torch_dtype)
-    if adapter is not None:
-        if detect_model_type(adapter) != "causal_lm":
-            raise ConfigError(f"--lora_model {args.lora_model} is a reward-model adapter (it scores, it cannot chat).")
-        model, _ = load_adapted_model(args.base_model, adapter, tokenizer, "causal_lm", dtype, args.trust_remote_code)
-        model = model.merge_and_unload()  # one matmul per layer instead of two while generating
-    else:
-        model = load_base(args.base_model, "causal_lm", dtype, args.trust_remote_code)
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        raise ConfigError(
-            f"the tokenizer ({tokenizer_dir}) has {len(tokenizer)} tokens but the model only "
-            f"{model.get_input_embeddings().weight.shape[0]} embedding rows: pass the tokenizer it was trained with."
-        )
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    return model.eval(), tokenizer, chat_format
-
-
-def _format_source(args: InferenceArguments, model_dirs: list[str]) -> str:
-    if args.template_name:
-        return "from --template_name"
-    for directory in model_dirs:
-        if os.path.isdir(directory) and load_recorded_chat_format(directory):
-            return f"recorded at training time in {os.path.join(directory, RECORD_FILE)}"
-    return f"default: no {RECORD_FILE} in {' or '.join(model_dirs)}"
 
 
 # --------------------------------------------------------------------------------------------------------------
