@@ -73,7 +73,7 @@ def main(args: list[str] | None = None) -> None:
               file=sys.stderr, flush=True)
     print(f"serving model {name!r} (api key {'required' if api_key else 'off'})", flush=True)
     try:
-        uvicorn.run(app, host=serve_args.host, port=serve_args.port, log_level="info", timeout_graceful_shutdown=5)
+        uvicorn.run(app, host=serve_args.host, port=8000 if serve_args.port is None else serve_args.port, log_level="info", timeout_graceful_shutdown=5)
     finally:
         engine.shutdown()
 

@@ -365,7 +365,11 @@ class ServeArguments:
         default=False, metadata={"help": "Allow model/tokenizer code from the checkpoint to run. Off unless you trust it."}
     )
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (loopback unless you say otherwise)."})
-    port: int = field(default=8000, metadata={"help": "Port to listen on (0 = any free port, printed at start)."})
+    port: int | None = field(
+        default=None,
+        metadata={"help": "Port to listen on; default 8000 (openai_api.py) or 7860 (web_demo.py); 0 = any free port "
+                          "(printed at start)."},
+    )
     max_batch_size: int = field(default=8, metadata={"help": "Most rows (requests x n) generated together."})
     max_queue_size: int = field(default=64, metadata={"help": "Most requests waiting; more are answered 429."})
     max_tokens_limit: int = field(default=1024, metadata={"help": "Largest max_tokens a request may ask for."})
@@ -381,7 +385,7 @@ class ServeArguments:
         for name in ("max_batch_size", "max_queue_size", "max_tokens_limit"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} must be >= 1, got {getattr(self, name)}.")
-        if not 0 <= self.port <= 65535:
+        if self.port is not None and not 0 <= self.port <= 65535:
             problems.append(f"--port must be in 0..65535, got {self.port}.")
         if self.batch_wait_ms < 0:
             problems.append(f"--batch_wait_ms must be >= 0, got {self.batch_wait_ms}.")
