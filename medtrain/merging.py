@@ -517,6 +517,22 @@ def _update_generation_config(model: Any, tokenizer: Any, chat_format: Any) -> N
         config.pad_token_id = tokenizer.pad_token_id
 
 
+def _write_chat_template(tokenizer: Any, chat_format: Any, report: MergeReport) -> None:
+    """Put the recorded chat format into the tokenizer files as a Jinja chat template, so engines that render
+    prompts from them (vLLM, SGLang, ``apply_chat_template``) prompt the merged model as training did."""
+    from .jinja_chat_templates import jinja_chat_template
+
+    if chat_format is None:
+        return
+    template = jinja_chat_template(chat_format)
+    if template is not None:
+        tokenizer.chat_template = template
+    stop = getattr(chat_format, "stop_str", None)
+    if stop and len(tokenizer.encode(stop, add_special_tokens=False)) > 1:
+        report.notes.append(f"the end-of-turn text {stop!r} is several tokens: engines that stop only at eos ids "
+                            f"(vLLM, SGLang) need it as a stop string in each request (\"stop\": [{stop!r}])")
+
+
 def _recorded_format(info: AdapterInfo, base_model: str, tokenizer: Any) -> tuple[Any, str | None]:
     """The chat format training recorded (adapter dir, else base dir) and the record file; checked to resolve."""
     for directory in (info.path, base_model):
@@ -592,6 +608,7 @@ def merge_adapter(args: MergeArguments) -> MergeReport:
         report.notes.append("input and output embeddings were trained separately: written untied")
     model = model.to(save_dtype)
     _update_generation_config(model, tokenizer, chat_format)
+    _write_chat_template(tokenizer, chat_format, report)
 
     target = os.path.abspath(args.output_dir)
     os.makedirs(os.path.dirname(target), exist_ok=True)
