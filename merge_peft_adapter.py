@@ -6,9 +6,10 @@
 
 The adapter is applied to the full-precision base (also when it was trained with QLoRA), in float32, and the merged
 model is compared with base + adapter on a few inputs: the largest logit difference is printed and the merge fails
-above --tolerance. The output dir gets safetensors weights, the tokenizer (with its chat template), the chat format
-recorded at training time (medtrain_chat_format.json), the generation config and merge_report.json. It is written
-to a temporary directory first and renamed when complete.
+above --tolerance. The output dir gets safetensors weights, the tokenizer with the chat format recorded at training
+time as its chat template (so vLLM/SGLang prompt it as training did; docs/serving.md), that record
+(medtrain_chat_format.json), the generation config (eos includes the end-of-turn token) and merge_report.json. It is
+written to a temporary directory first and renamed when complete.
 """
 
 from __future__ import annotations
