@@ -19,7 +19,6 @@ from typing import Any, Iterator
 
 from medtrain.arguments import parse_args
 from medtrain.errors import ConfigError, UserError, run_main
-from medtrain.generation import prompt_ids
 from medtrain.serving import Engine, QueueFull, Request, SamplingParams, ServeArguments, load_engine
 
 
@@ -68,7 +67,7 @@ def fit_context(engine: Engine, messages: list[dict], max_new_tokens: int) -> li
     """Prompt ids, dropping the oldest exchanges (never the system prompt or the question) until the answer fits."""
     start = 1 if messages[0]["role"] == "system" else 0
     while True:
-        ids = prompt_ids(engine.tokenizer, engine.chat_format, messages)
+        ids = engine.prompt_ids(messages)
         if not engine.context_length or len(ids) + max_new_tokens <= engine.context_length:
             return ids
         if len(messages) - start <= 1:

@@ -25,7 +25,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.concurrency import run_in_threadpool
 
 from .errors import UserError
-from .generation import prompt_ids
 from .serving import Engine, Event, QueueFull, Request, SamplingParams
 
 ROLES = ("system", "user", "assistant")
@@ -232,7 +231,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             raise ApiError(400, f"n: at most {engine.max_batch_size} (--max_batch_size)", param="n")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            ids = await run_in_threadpool(prompt_ids, engine.tokenizer, engine.chat_format, messages)
+            ids = await run_in_threadpool(engine.prompt_ids, messages)
         except UserError as err:  # the chat format refuses the conversation (DataError names the field)
             raise ApiError(400, str(err), param=getattr(err, "field", None) or "messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens

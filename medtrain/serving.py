@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from .generation import left_pad, stop_token_ids
+from .generation import left_pad, prompt_ids, stop_token_ids
 
 logger = logging.getLogger("medtrain.serving")
 
@@ -120,8 +120,9 @@ def _stop_prefix_hold(text: str, stops: tuple[str, ...]) -> int:
 class _BatchTracker(StoppingCriteria):
     """Called by ``generate`` after each step: streams each row's new text and says which rows are done."""
 
-    def __init__(self, rows: list[_Row], tokenizer: Any, stop_ids: list[int], end_of_turn: str | None):
-        self.rows, self.tokenizer = rows, tokenizer
+    def __init__(self, rows: list[_Row], tokenizer: Any, stop_ids: list[int], end_of_turn: str | None,
+                 tokenizer_lock: threading.Lock):
+        self.rows, self.tokenizer, self.tokenizer_lock = rows, tokenizer, tokenizer_lock
         self.stop_ids = set(stop_ids)
         self.end_of_turn = end_of_turn or ""
         self.first_token_at: float | None = None
@@ -174,7 +175,8 @@ class _BatchTracker(StoppingCriteria):
             row.sent = safe
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs) -> torch.BoolTensor:
         if self.first_token_at is None:
@@ -198,6 +200,9 @@ class Engine:
         self.stop_ids = stop_token_ids(tokenizer, chat_format, model)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.context_length = getattr(model.config, "max_position_embeddings", None)
+        # A fast tokenizer used from two threads at once can fail ("Already borrowed": encode resets its
+        # truncation/padding state), so the request threads' encoding and the worker's decoding take turns.
+        self.tokenizer_lock = threading.Lock()
         self._pending: list[Request] = []
         self._cond = threading.Condition()
         self._active_rows = 0
@@ -208,6 +213,11 @@ class Engine:
         self._thread.start()
 
     # ---- client side -----------------------------------------------------------------------------------------
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """``messages`` as the token ids training fed the model (:func:`medtrain.generation.prompt_ids`)."""
+        with self.tokenizer_lock:
+            return prompt_ids(self.tokenizer, self.chat_format, messages)
 
     def submit(self, request: Request) -> Request:
         if request.n > self.max_batch_size:
@@ -291,7 +301,7 @@ class Engine:
     def _generate(self, batch: list[Request]) -> None:
         rows = [_Row(request, i) for request in batch for i in range(request.n)]
         params = batch[0].params
-        tracker = _BatchTracker(rows, self.tokenizer, self.stop_ids, self.chat_format.stop_str)
+        tracker = _BatchTracker(rows, self.tokenizer, self.stop_ids, self.chat_format.stop_str, self.tokenizer_lock)
         input_ids, attention_mask = left_pad([row.request.prompt_ids for row in rows], self.pad_token_id)
         config = GenerationConfig(
             max_new_tokens=max(row.request.params.max_tokens for row in rows),
