@@ -21,7 +21,9 @@ import sys
 from dataclasses import dataclass, field
 
 from medtrain.arguments import parse_args
-from medtrain.errors import ConfigError, run_main
+from medtrain.entrypoint import run_main
+from medtrain.errors import ConfigError
+from medtrain.openai_server import create_app
 from medtrain.serving import ServeArguments, load_engine
 
 
@@ -58,8 +60,6 @@ def main(args: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO, force=True)
     import uvicorn
-
-    from medtrain.openai_server import create_app
 
     engine, info = load_engine(serve_args)
     name = api_args.served_model_name or os.path.basename(

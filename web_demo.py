@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from medtrain.arguments import parse_args
-from medtrain.errors import ConfigError, UserError, run_main
+from medtrain.entrypoint import run_main
+from medtrain.errors import ConfigError, UserError
 from medtrain.serving import Engine, QueueFull, Request, SamplingParams, ServeArguments, load_engine
 
 

@@ -23,6 +23,7 @@ import torch
 from .arguments import ModelArguments
 from .chat_format import RECORD_FILE, load_recorded_chat_format, resolve_chat_format
 from .errors import ConfigError, UserError
+from .jinja_chat_templates import jinja_chat_template
 from .modeling import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -520,8 +521,6 @@ def _update_generation_config(model: Any, tokenizer: Any, chat_format: Any) -> N
 def _write_chat_template(tokenizer: Any, chat_format: Any, report: MergeReport) -> None:
     """Put the recorded chat format into the tokenizer files as a Jinja chat template, so engines that render
     prompts from them (vLLM, SGLang, ``apply_chat_template``) prompt the merged model as training did."""
-    from .jinja_chat_templates import jinja_chat_template
-
     if chat_format is None:
         return
     template = jinja_chat_template(chat_format)

@@ -21,7 +21,9 @@ outer whitespace stripped): what is streamed adds up to the non-streamed answer 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -31,7 +33,8 @@ from typing import Any, Callable
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from .generation import left_pad, prompt_ids, stop_token_ids
+from .errors import ConfigError
+from .generation import ModelSource, format_source, left_pad, load_for_inference, prompt_ids, stop_token_ids
 
 logger = logging.getLogger("medtrain.serving")
 
@@ -389,8 +392,6 @@ class ServeArguments:
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
 
     def __post_init__(self) -> None:
-        from .errors import ConfigError
-
         problems = []
         for name in ("max_batch_size", "max_queue_size", "max_tokens_limit"):
             if getattr(self, name) < 1:
@@ -402,9 +403,7 @@ class ServeArguments:
         if problems:
             raise ConfigError(problems)
 
-    def model_source(self):
-        from .generation import ModelSource
-
+    def model_source(self) -> ModelSource:
         return ModelSource(base_model=self.model_name_or_path, lora_model=self.lora_model,
                            tokenizer_path=self.tokenizer_path, template_name=self.template_name,
                            system_prompt=self.system_prompt, torch_dtype=self.torch_dtype,
@@ -413,11 +412,6 @@ class ServeArguments:
 
 def load_engine(args: ServeArguments) -> tuple[Engine, dict]:
     """Load the model as inference.py does and start an engine; also returns what is loaded, for display."""
-    import json
-    import os
-
-    from .generation import format_source, load_for_inference
-
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     source = args.model_source()

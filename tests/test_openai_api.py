@@ -24,7 +24,7 @@ import uvicorn
 from conftest import ROOT
 from medtrain.chat_format import get_chat_format, save_chat_format
 from medtrain.data import tokenize_conversations
-from medtrain.errors import run_main
+from medtrain.entrypoint import run_main
 from medtrain.generation import generate_responses, prompt_ids
 from medtrain.openai_server import create_app
 from medtrain.serving import ServeArguments, load_engine
