@@ -19,7 +19,6 @@ from trl import DPOConfig
 
 from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args
 from medtrain.chat_format import resolve_chat_format, save_chat_format
-from medtrain.checkpoints import CompleteCheckpointCallback
 from medtrain.data import load_splits
 from medtrain.dpo import (
     DPOArguments,
@@ -34,6 +33,7 @@ from medtrain.dpo import (
 from medtrain.entrypoint import run_main
 from medtrain.formats import load_preferences
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
+from medtrain.resilience import resilience_callbacks
 from medtrain.runtime import start_run, write_results
 
 logger = logging.getLogger("medtrain.dpo")
@@ -76,7 +76,7 @@ def main(args: list[str] | None = None):
         model = apply_lora(model, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
 
     trainer = build_trainer(model, ref_model, training_args, train_dataset, eval_dataset, tokenizer, lora_args,
-                            callbacks=[CompleteCheckpointCallback()])
+                            callbacks=resilience_callbacks(run_args))
 
     # Train, save, evaluate (rewards/*, logps/* are in the logs, tensorboard and the eval results)
     if training_args.do_train:

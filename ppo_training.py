@@ -38,6 +38,7 @@ from medtrain.errors import ConfigError, DataError
 from medtrain.formats import load_prompts
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
 from medtrain.ppo import PPOArguments, PPOTrainer
+from medtrain.resilience import resilience_callbacks
 from medtrain.reward import load_reward_model, load_reward_scorer
 from medtrain.runtime import start_run, write_results
 
@@ -159,10 +160,10 @@ def main(args: list[str] | None = None):
 
     if rl_args.rl_algo == "ppo":
         trainer = build_ppo(policy, tokenizer, scorer, train_prompts, stop_ids, model_args, lora_args, rl_args,
-                            ppo_args, training_args)
+                            ppo_args, training_args, run_args)
         history = trainer.train(resume_from_checkpoint=resume)
     else:
-        trainer = build_trl(policy, tokenizer, scorer, train_prompts, rl_args, training_args)
+        trainer = build_trl(policy, tokenizer, scorer, train_prompts, rl_args, training_args, run_args)
         history = trainer.train(resume_from_checkpoint=resume).metrics
     trainer.save_model(training_args.output_dir)
     if training_args.process_index == 0:
@@ -174,7 +175,7 @@ def main(args: list[str] | None = None):
 
 
 def build_ppo(policy, tokenizer, scorer, train_prompts, stop_ids, model_args, lora_args, rl_args, ppo_args,
-              training_args) -> PPOTrainer:
+              training_args, run_args) -> PPOTrainer:
     """Our PPO: value model initialised from the reward model (or --value_model_name_or_path)."""
     value_path = rl_args.value_model_name_or_path or rl_args.reward_model_name_or_path
     # a reward adapter is merged: its weights (head included) start the value model, which trains its own adapter
@@ -201,11 +202,11 @@ def build_ppo(policy, tokenizer, scorer, train_prompts, stop_ids, model_args, lo
         save_steps=int(training_args.save_steps) if training_args.save_strategy == "steps" else 0,
         weight_decay=training_args.weight_decay, warmup_steps=int(training_args.warmup_steps),
         lr_scheduler_type=str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
-        max_grad_norm=training_args.max_grad_norm, accelerator=accelerator,
+        max_grad_norm=training_args.max_grad_norm, accelerator=accelerator, on_nonfinite=run_args.on_nonfinite,
     )
 
 
-def build_trl(policy, tokenizer, scorer, train_prompts, rl_args, training_args):
+def build_trl(policy, tokenizer, scorer, train_prompts, rl_args, training_args, run_args):
     """TRL's RLOO/GRPO with the same prompts and reward model (scores prompt ids + completion ids)."""
     texts = [tokenizer.decode(p) for p in train_prompts]
     ids_by_text = dict(zip(texts, train_prompts))
@@ -217,7 +218,8 @@ def build_trl(policy, tokenizer, scorer, train_prompts, rl_args, training_args):
     reward_model.__name__ = "reward_model"
     trainer_class = RLOOTrainer if rl_args.rl_algo == "rloo" else GRPOTrainer
     return trainer_class(model=policy, reward_funcs=[reward_model], args=training_args,
-                         train_dataset=datasets.Dataset.from_dict({"prompt": texts}), processing_class=tokenizer)
+                         train_dataset=datasets.Dataset.from_dict({"prompt": texts}), processing_class=tokenizer,
+                         callbacks=resilience_callbacks(run_args))
 
 
 if __name__ == "__main__":

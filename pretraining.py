@@ -21,7 +21,6 @@ import numpy as np
 from transformers import AutoConfig, Trainer, TrainingArguments
 
 from medtrain.arguments import LoraArguments, ModelArguments, RunArguments, finalize, parse_args
-from medtrain.checkpoints import CompleteCheckpointCallback
 from medtrain.entrypoint import run_main
 from medtrain.errors import UserError
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
@@ -32,6 +31,7 @@ from medtrain.pretrain_data import (
     load_pretrain_datasets,
     resolve_block_size,
 )
+from medtrain.resilience import resilience_callbacks
 from medtrain.rope import save_rope_record
 from medtrain.runtime import perplexity, start_run, write_results
 from medtrain.tokenization import IGNORE_INDEX
@@ -130,7 +130,7 @@ def main(args: list[str] | None = None) -> Trainer:
         processing_class=tokenizer,
         compute_metrics=next_token_accuracy,
         preprocess_logits_for_metrics=argmax_logits,
-        callbacks=[CompleteCheckpointCallback()],
+        callbacks=resilience_callbacks(run_args),
     )
 
     # Train, save, evaluate

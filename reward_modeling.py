@@ -20,12 +20,12 @@ from trl import RewardConfig
 
 from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args
 from medtrain.chat_format import resolve_chat_format, save_chat_format
-from medtrain.checkpoints import CompleteCheckpointCallback
 from medtrain.data import load_splits
 from medtrain.entrypoint import run_main
 from medtrain.formats import find_data_files, load_preferences
 from medtrain.modeling import apply_lora, load_tokenizer
 from medtrain.preference import encode_pairs
+from medtrain.resilience import resilience_callbacks
 from medtrain.reward import (
     RewardArguments,
     RewardModelTrainer,
@@ -90,7 +90,7 @@ def main(args: list[str] | None = None) -> RewardModelTrainer:
         train_dataset=datasets.Dataset.from_list(pair_rows(train_pairs)),
         eval_dataset=datasets.Dataset.from_list(pair_rows(eval_pairs)) if eval_pairs else None,
         processing_class=tokenizer,
-        callbacks=[CompleteCheckpointCallback()],
+        callbacks=resilience_callbacks(run_args),
     )
 
     # Train, save, evaluate, predict

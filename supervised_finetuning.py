@@ -16,13 +16,13 @@ from trl import SFTConfig, SFTTrainer
 
 from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args
 from medtrain.chat_format import get_chat_format, save_chat_format
-from medtrain.checkpoints import CompleteCheckpointCallback
 from medtrain.data import load_splits, log_first_sample, tokenize_conversations
 from medtrain.efficiency import count_tokens, plan_batches, token_throughput
 from medtrain.entrypoint import run_main
 from medtrain.formats import load_conversations
 from medtrain.fused_loss import EfficientSFTTrainer
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
+from medtrain.resilience import resilience_callbacks
 from medtrain.rope import save_rope_record
 from medtrain.runtime import perplexity, start_run, write_results
 
@@ -75,7 +75,7 @@ def main(args: list[str] | None = None) -> SFTTrainer:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=plan.collator,
-        callbacks=[CompleteCheckpointCallback(), *plan.callbacks],
+        callbacks=[*resilience_callbacks(run_args), *plan.callbacks],
     )
 
     # Train, save, evaluate

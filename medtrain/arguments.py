@@ -218,11 +218,17 @@ class DataArguments:
 
 @dataclass
 class RunArguments:
-    """What to do with an existing output directory."""
+    """What to do with an existing output directory, and with a diverging run."""
 
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Allow writing into a non-empty output_dir that is not being resumed (old files may be replaced)."},
+    )
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={"help": "A NaN/inf loss or gradient norm: stop (exit 3, naming the step, the last finite loss and "
+                          "the last good checkpoint) or skip the update (weights unchanged). See docs/reliability.md.",
+                  "choices": ["stop", "skip"]},
     )
 
 

@@ -32,3 +32,12 @@ class DataError(UserError):
         if field:
             where += f"{field}: "
         super().__init__(where + message)
+
+
+class RunStopped(Exception):
+    """Training stopped on purpose before the end (preempted, diverged, a failed write): the message says what
+    survives and what to do; :func:`medtrain.entrypoint.run_main` exits with ``exit_status`` (see
+    medtrain/resilience.py)."""
+
+    exit_status = 1
+    label = "error"

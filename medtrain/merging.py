@@ -25,6 +25,7 @@ from .chat_format import RECORD_FILE, load_recorded_chat_format, resolve_chat_fo
 from .errors import ConfigError, UserError
 from .jinja_chat_templates import jinja_chat_template
 from .modeling import load_tokenizer
+from .resilience import writing
 
 logger = logging.getLogger(__name__)
 
@@ -613,30 +614,34 @@ def merge_adapter(args: MergeArguments) -> MergeReport:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     # A sibling temporary directory: the final rename stays on one filesystem, so it is atomic.
     tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=os.path.dirname(target))
-    try:
-        model.save_pretrained(tmp_dir)
-        tokenizer.save_pretrained(tmp_dir)
-        if record_file:
-            shutil.copyfile(record_file, os.path.join(tmp_dir, RECORD_FILE))
-        if reference is not None and save_dtype == torch.float32:
-            # The written files, reloaded, must give the same outputs (catches tying/saving mistakes).
-            del model
-            written = load_base(tmp_dir, model_type, torch.float32, args.trust_remote_code,
-                                num_labels=info.full_weight_rows(SCORE_HEAD) or 1)
-            report.written_max_abs_diff = max_abs_diff(model_outputs(written, probes), reference)
-            del written
-            logger.info("max |logit difference|, written model vs base + adapter: %.3g", report.written_max_abs_diff)
-            if not report.written_max_abs_diff <= args.tolerance:
-                raise UserError(
-                    f"the merged model as written differs from base + adapter by {report.written_max_abs_diff:.3g}: "
-                    "nothing was written (please report this)."
-                )
-        with open(os.path.join(tmp_dir, MERGE_REPORT), "w", encoding="utf-8") as fh:
-            json.dump(dict(vars(report), base_model=args.base_model, lora_model=args.lora_model), fh, indent=2)
-        replace_dir(tmp_dir, target)
-    finally:
-        if os.path.isdir(tmp_dir):
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+    # A failed write (disk full, quota) is reported naming the target, the free space and what the weights need;
+    # the temporary directory is removed and an existing output_dir is left as it was.
+    needs = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    with writing(target, "merged model", needs):
+        try:
+            model.save_pretrained(tmp_dir)
+            tokenizer.save_pretrained(tmp_dir)
+            if record_file:
+                shutil.copyfile(record_file, os.path.join(tmp_dir, RECORD_FILE))
+            if reference is not None and save_dtype == torch.float32:
+                # The written files, reloaded, must give the same outputs (catches tying/saving mistakes).
+                del model
+                written = load_base(tmp_dir, model_type, torch.float32, args.trust_remote_code,
+                                    num_labels=info.full_weight_rows(SCORE_HEAD) or 1)
+                report.written_max_abs_diff = max_abs_diff(model_outputs(written, probes), reference)
+                del written
+                logger.info("max |logit difference|, written model vs base + adapter: %.3g", report.written_max_abs_diff)
+                if not report.written_max_abs_diff <= args.tolerance:
+                    raise UserError(
+                        f"the merged model as written differs from base + adapter by {report.written_max_abs_diff:.3g}: "
+                        "nothing was written (please report this)."
+                    )
+            with open(os.path.join(tmp_dir, MERGE_REPORT), "w", encoding="utf-8") as fh:
+                json.dump(dict(vars(report), base_model=args.base_model, lora_model=args.lora_model), fh, indent=2)
+            replace_dir(tmp_dir, target)
+        finally:
+            if os.path.isdir(tmp_dir):
+                shutil.rmtree(tmp_dir, ignore_errors=True)
     return report
 
 

@@ -54,8 +54,22 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, get_scheduler
 
-from medtrain.checkpoints import MARKER, latest_complete_checkpoint
+from medtrain.checkpoints import latest_complete_checkpoint, write_marker
 from medtrain.errors import ConfigError, UserError
+from medtrain.resilience import (
+    NONFINITE_MODES,
+    STOP,
+    Diverged,
+    Preempted,
+    begin_write,
+    checkpoint_size,
+    diverged_message,
+    drop_gradients,
+    gradients_finite,
+    preempted_message,
+    tree_size,
+    writing,
+)
 from medtrain.ppo.config import PPOArguments
 from medtrain.ppo.core import (
     AdaptiveKLController,
@@ -221,6 +235,11 @@ class PPOTrainer:
         save_steps: save a checkpoint every N updates (0: only at the end).
         lr_scheduler_type: any ``transformers.get_scheduler`` name (``linear`` decays to 0 at ``max_steps``).
         accelerator: a configured ``Accelerator``; default ``Accelerator(gradient_accumulation_steps=...)``.
+        on_nonfinite: ``stop`` (raise :class:`medtrain.resilience.Diverged` before an update on NaN/inf gradients)
+            or ``skip`` (drop that optimizer step: weights and optimizer state unchanged).
+
+    SIGTERM/SIGINT (see :class:`medtrain.resilience.StopRequest`): the current PPO update is finished, every rank
+    agrees, a checkpoint is written and :class:`medtrain.resilience.Preempted` is raised (exit status 75).
     """
 
     def __init__(
@@ -245,6 +264,7 @@ class PPOTrainer:
         lr_scheduler_type: str = "linear",
         max_grad_norm: float | None = 1.0,
         accelerator: Accelerator | None = None,
+        on_nonfinite: str = "stop",
     ):
         if ref_policy is policy:
             raise ValueError("ref_policy must not be the policy itself: pass None to get a frozen copy")
@@ -257,6 +277,9 @@ class PPOTrainer:
         self.seed, self.logging_steps, self.save_steps = seed, logging_steps, save_steps
         self.max_grad_norm = max_grad_norm
         self.is_peft_policy = _is_peft_model(policy)
+        if on_nonfinite not in NONFINITE_MODES:
+            raise ConfigError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
+        self.on_nonfinite, self.nonfinite_skipped = on_nonfinite, 0
 
         n_micro = args.micro_batches_per_mini_batch
         self.accelerator = accelerator or Accelerator(gradient_accumulation_steps=n_micro)
@@ -484,6 +507,8 @@ class PPOTrainer:
                         accelerator.backward(pg_loss + args.vf_coef * vf_loss)
                         if accelerator.sync_gradients and self.max_grad_norm:
                             accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+                        if accelerator.sync_gradients:
+                            self._check_gradients()
                         self.optimizer.step()
                         self.optimizer.zero_grad()
                     with torch.no_grad():
@@ -508,6 +533,23 @@ class PPOTrainer:
         metrics.update({key: global_mean(torch.stack(values)) for key, values in stats.items()})
         self.kl_controller.update(metrics["objective/kl"], self.global_batch_size)
         return metrics
+
+    def _check_gradients(self) -> None:
+        """Non-finite gradients (averaged over ranks by DDP, so every rank decides alike): stop or skip the step."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if gradients_finite(params) is not False:  # None: DeepSpeed keeps the gradients in its own buffers
+            return
+        step = self.state.global_step + 1
+        if self.on_nonfinite == "stop":
+            STOP.uninstall()
+            losses = [(e["step"], e["loss/policy"]) for e in self.state.log_history
+                      if isinstance(e.get("loss/policy"), float) and np.isfinite(e["loss/policy"])]
+            raise Diverged(diverged_message(step, "non-finite PPO loss or gradient norm (NaN/inf gradients)",
+                                            losses[-1] if losses else None, str(self.output_dir)))
+        drop_gradients(params)
+        self.nonfinite_skipped += 1
+        self._print(f"update {step}: non-finite loss or gradient norm; skipped this optimizer step "
+                    f"(--on_nonfinite skip; {self.nonfinite_skipped} skipped so far)")
 
     # ------------------------------------------------------------------ loop
     def train(self, resume_from_checkpoint: str | os.PathLike | bool | None = None) -> list[dict[str, float]]:
@@ -535,6 +577,7 @@ class PPOTrainer:
 
         pending: list[dict[str, float]] = []
         started = time.time()
+        STOP.install()
         while self.state.global_step < self.max_steps:
             rollout = self._rollout(self._next_prompts())
             metrics = self._ppo_update(rollout)
@@ -546,10 +589,23 @@ class PPOTrainer:
             if step % self.logging_steps == 0 or step == self.max_steps:
                 self._log(pending, time.time() - started)
                 pending = []
+            saved = None
             if (self.save_steps and step % self.save_steps == 0) or step == self.max_steps:
-                self._save_checkpoint()
+                saved = self._save_checkpoint()
+            if STOP.agreed(self.accelerator.device):  # every rank leaves after the same update
+                if pending:
+                    self._log(pending, time.time() - started)
+                saved = saved or self._save_checkpoint()
+                if self._writer is not None:
+                    self._writer.close()
+                STOP.uninstall()
+                raise Preempted(preempted_message(STOP.signal_name(), step, str(saved)))
         if self._writer is not None:
             self._writer.close()
+        STOP.uninstall()
+        previous = latest_complete_checkpoint(str(self.output_dir)) if self.accelerator.is_main_process else None
+        # what the stage writes next: the final policy, about the size of the last checkpoint's policy/
+        begin_write(str(self.output_dir), "final model", tree_size(os.path.join(previous, "policy")) if previous else None)
         return self.state.log_history
 
     def _log(self, pending: list[dict[str, float]], elapsed: float) -> None:
@@ -586,10 +642,20 @@ class PPOTrainer:
                 self.tokenizer.save_pretrained(path)
 
     def _save_checkpoint(self) -> Path:
-        """Write ``checkpoint-N`` via a temporary directory renamed at the end, so a crash leaves no half checkpoint."""
-        accelerator = self.accelerator
+        """Write ``checkpoint-N`` via a temporary directory renamed at the end, so a crash leaves no half checkpoint;
+        a failed write (disk full) removes the temporary directory and names the path and the space it needs."""
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
         tmp = self.output_dir / f".tmp-{final.name}"
+        previous = latest_complete_checkpoint(str(self.output_dir)) if self.accelerator.is_main_process else None
+        try:
+            with writing(str(final), "checkpoint", checkpoint_size(previous)):
+                return self._write_checkpoint(final, tmp)
+        finally:
+            if self.accelerator.is_main_process and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write_checkpoint(self, final: Path, tmp: Path) -> Path:
+        accelerator = self.accelerator
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -615,8 +681,9 @@ class PPOTrainer:
         torch.save(rng, tmp / f"rng_state_{accelerator.process_index}.pth")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            # The marker the other stages' checkpoints carry, so `--resume_from_checkpoint auto` finds this one too.
-            (tmp / MARKER).write_text(f"global_step={self.state.global_step}\n", encoding="utf-8")
+            # The marker (with the files' manifest) the other stages' checkpoints carry, so that
+            # `--resume_from_checkpoint auto` finds this one too and verifies it.
+            write_marker(str(tmp), self.state.global_step)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             self._print(f"saved {final}")
