@@ -471,3 +471,87 @@ def test_disk_full_while_merging_keeps_the_existing_output_and_leaves_no_tempora
     assert "it needs about" in err and "Free space there" in err
     assert {p.name: p.read_bytes() for p in merged.iterdir()} == before  # the earlier merge is untouched
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline continues from a failed stage
+
+STUB_LAUNCHER = """#!/usr/bin/env bash
+name=$(basename "$0" .sh)
+echo "$name $*" >> calls.log
+mkdir -p "$OUTPUT_DIR" && echo "$name" > "$OUTPUT_DIR/out.txt"
+if [ -f "fail_$name" ]; then rm "fail_$name"; echo "$name: simulated failure" >&2; exit 1; fi
+"""
+STUB_PYTHON = """import sys
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+open("calls.log", "a").write(sys.argv[0] + " " + " ".join(sys.argv[1:]) + "\\n")
+out = args.get("--output_dir")
+if out:
+    import os
+    os.makedirs(out, exist_ok=True)
+    open(os.path.join(out, "config.json"), "w").write("{}")
+"""
+
+
+@pytest.fixture
+def stub_pipeline(tmp_path) -> Path:
+    """run_pipeline.sh beside stub launchers/scripts that record their calls and write a marker output."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copy(ROOT / "run_pipeline.sh", root)
+    for stage in ("pt", "sft", "rm", "ppo", "dpo"):
+        (root / f"run_{stage}.sh").write_text(STUB_LAUNCHER)
+    for script in ("merge_peft_adapter.py", "pipeline_summary.py"):
+        (root / script).write_text(STUB_PYTHON)
+    return root
+
+
+def pipeline(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "run_pipeline.sh", *args], cwd=root, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, MODEL="base-model", PIPELINE_DIR="out"))
+
+
+def calls(root: Path) -> list[str]:
+    lines = (root / "calls.log").read_text().splitlines() if (root / "calls.log").exists() else []
+    (root / "calls.log").unlink(missing_ok=True)
+    return [line.split()[0] for line in lines]
+
+
+def test_pipeline_continues_from_the_failed_stage_keeping_earlier_outputs(stub_pipeline):
+    root, out = stub_pipeline, stub_pipeline / "out"
+    (root / "fail_run_rm").touch()
+    proc = pipeline(root)
+    assert proc.returncode == 1
+    assert "pipeline stopped in stage rm (status 1)" in proc.stderr
+    assert "Continue with: bash run_pipeline.sh --from rm" in proc.stderr
+    assert calls(root) == ["run_pt", "merge_peft_adapter.py", "run_sft", "merge_peft_adapter.py", "run_rm"]
+    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.is_relative_to(out / "rm")}
+
+    proc = pipeline(root, "--from", "rm")
+    assert proc.returncode == 0, proc.stderr
+    assert calls(root) == ["run_rm", "run_ppo", "merge_peft_adapter.py", "run_dpo", "merge_peft_adapter.py",
+                           "pipeline_summary.py"]
+    assert all(p.read_bytes() == data for p, data in kept.items())  # PT and SFT outputs reused as they were
+    assert [p.name.split("-")[0] for p in out.glob("rm.failed-*")] == ["rm.failed"]  # the failed attempt, aside
+    assert not list(root.glob("out.prev-*"))  # --from never moves the pipeline dir aside
+
+
+def test_pipeline_from_a_preempted_stage_resumes_its_checkpoint(stub_pipeline):
+    root, out = stub_pipeline, stub_pipeline / "out"
+    assert pipeline(root).returncode == 0
+    calls(root)
+    (out / "dpo" / "checkpoint-4").mkdir(parents=True)
+    (out / "dpo" / "checkpoint-4" / "COMPLETE").write_text("{}")
+    assert pipeline(root, "--from", "dpo").returncode == 0
+    dpo_call = (root / "calls.log").read_text().splitlines()[0]
+    assert dpo_call.startswith("run_dpo ") and dpo_call.endswith("--resume_from_checkpoint auto")
+    assert calls(root) == ["run_dpo", "merge_peft_adapter.py", "pipeline_summary.py"]
+    assert (out / "dpo" / "checkpoint-4").is_dir() and list(out.glob("dpo-merged.failed-*"))
+
+
+def test_pipeline_from_refuses_an_unknown_stage_or_missing_inputs(stub_pipeline):
+    proc = pipeline(stub_pipeline, "--from", "sfr")
+    assert proc.returncode == 2 and "--from sfr: unknown stage; choose one of: pt sft rm ppo dpo summary" in proc.stderr
+    proc = pipeline(stub_pipeline, "--from", "rm")
+    assert proc.returncode == 2 and "--from rm needs out/sft-merged from an earlier run, which is missing" in proc.stderr
+    assert calls(stub_pipeline) == []
