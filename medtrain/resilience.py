@@ -242,13 +242,17 @@ class NonFiniteCallback(TrainerCallback):
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {mode!r}")
         self.mode = mode
         self.skipped = 0
+        self.blind = False  # gradients not visible here (DeepSpeed ZeRO, fp16 scaler): logged values are checked
         self.last_loss: tuple[int, float] | None = None
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is None or getattr(args, "fp16", False):
+            self.blind = True
             return control
         params = _optimizer_params(optimizer)
-        if gradients_finite(params) is not False:
+        finite = gradients_finite(params)
+        self.blind = finite is None
+        if finite is not False:
             return control
         step = state.global_step + 1
         if self.mode == "stop":
@@ -266,10 +270,13 @@ class NonFiniteCallback(TrainerCallback):
         loss, grad_norm = logs.get("loss"), logs.get("grad_norm")
         if isinstance(loss, (int, float)) and math.isfinite(loss):
             self.last_loss = (state.global_step, float(loss))
-        bad = [k for k in ("loss", "grad_norm") if isinstance(logs.get(k), float) and not math.isfinite(logs[k])]
-        if bad and self.mode == "stop" and not self.skipped:
+        # fp16: an inf gradient norm is the loss scaler's routine overflow step (it skips it), not divergence
+        keys = ("loss",) if getattr(args, "fp16", False) else ("loss", "grad_norm")
+        bad = [k for k in keys if isinstance(logs.get(k), float) and not math.isfinite(logs[k])]
+        if bad and (self.mode == "stop" or self.blind) and not self.skipped:
+            # only reached where gradients were not visible above (DeepSpeed) or with fp16's loss scaler: a step
+            # cannot be skipped there, so even --on_nonfinite skip stops
             STOP.uninstall()
-            # only reached where gradients were not visible above (DeepSpeed) or with fp16's loss scaler
             raise Diverged(diverged_message(state.global_step, f"logged {' and '.join(bad)} non-finite "
                                             f"({loss=}, {grad_norm=})", self.last_loss, args.output_dir))
         return control

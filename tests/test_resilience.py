@@ -406,6 +406,27 @@ def test_nan_skip_leaves_weights_and_optimizer_state_unchanged_and_training_goes
     assert any(not torch.equal(final[n], weights_before[n]) for n in final)  # steps 4-6 trained again
 
 
+def test_where_gradients_are_not_visible_the_logged_values_are_checked(tmp_path):
+    """DeepSpeed ZeRO keeps gradients in its own buffers: a NaN grad_norm in the logs stops (even with skip, which
+    cannot act there); under fp16 an inf grad_norm is the loss scaler's routine skipped step and is left alone."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    param = torch.nn.Parameter(torch.zeros(2))  # no .grad, as under ZeRO
+    optimizer = torch.optim.AdamW([param])
+    state, control = TrainerState(global_step=7), TrainerControl()
+    fp16 = SimpleNamespace(fp16=True, output_dir=str(tmp_path))
+    fp32 = SimpleNamespace(fp16=False, output_dir=str(tmp_path))
+    callback = resilience.NonFiniteCallback("skip")
+    callback.on_pre_optimizer_step(fp16, state, control, optimizer=optimizer)
+    callback.on_log(fp16, state, control, logs={"loss": 1.5, "grad_norm": float("inf")})
+    callback.on_pre_optimizer_step(fp32, state, control, optimizer=optimizer)
+    assert callback.blind
+    with pytest.raises(resilience.Diverged, match="training diverged at optimizer step 7: logged grad_norm non-finite"):
+        callback.on_log(fp32, state, control, logs={"loss": 1.5, "grad_norm": float("nan")})
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Failed writes
 
@@ -439,6 +460,30 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one_and_names_pa
     assert checkpoints.verify_checkpoint(str(out / "checkpoint-2")) == []
     assert not (out / "checkpoint-4").exists()  # the half-written one gave its space back
     assert checkpoints.latest_complete_checkpoint(str(out)) == str(out / "checkpoint-2")
+
+
+def test_disk_full_while_saving_the_final_model_names_it_and_the_checkpoints_survive(tiny_model_dir, tmp_path,
+                                                                                     monkeypatch, capsys):
+    import transformers
+
+    data = write_data(tmp_path / "data")
+    out = tmp_path / "out"
+    save = transformers.Trainer._save
+
+    def full_for_the_final_model(self, output_dir=None, state_dict=None):
+        if Path(output_dir) == out:  # checkpoints go to out/checkpoint-N; the final model to out itself
+            enospc()
+        return save(self, output_dir, state_dict)
+
+    monkeypatch.setattr(transformers.Trainer, "_save", full_for_the_final_model)
+    with pytest.raises(SystemExit) as caught:
+        run_main(lambda: run_sft(monkeypatch, sft_args(tiny_model_dir, data, out, "--save_steps", "2",
+                                                       "--max_steps", "4")))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert caught.value.code == 74
+    assert err.startswith(f"error: could not write the final model {out}: [Errno 28] No space left on device.")
+    assert "it needs about" in err and f"The last complete checkpoint {out / 'checkpoint-4'} is intact" in err
+    assert all(checkpoints.verify_checkpoint(str(out / f"checkpoint-{n}")) == [] for n in (2, 4))
 
 
 def test_disk_full_while_merging_keeps_the_existing_output_and_leaves_no_temporary_dir(tiny_model_dir, tmp_path,
