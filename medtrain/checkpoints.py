@@ -127,6 +127,12 @@ class CompleteCheckpointCallback(TrainerCallback):
     """Mark ``checkpoint-N`` complete once Trainer's save (model, optimizer, scheduler, RNG, state) returned on
     every rank (each rank writes its own RNG state and, under DeepSpeed, its shards: rank 0 waits for them)."""
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.save_total_limit == 1 and state.is_world_process_zero:
+            logger.warning("--save_total_limit 1: Trainer deletes the previous checkpoint before the new one is marked "
+                           "complete, so a crash while marking it leaves no complete checkpoint; 2 avoids that")
+        return control
+
     def on_save(self, args, state, control, **kwargs):
         import torch.distributed as dist
 

@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 from transformers import TrainerCallback
 
-from .checkpoints import MARKER, CompleteCheckpointCallback, latest_complete_checkpoint, read_marker
+from .checkpoints import MARKER, CompleteCheckpointCallback, latest_complete_checkpoint, list_checkpoints, read_marker
 from .errors import RunStopped
 
 logger = logging.getLogger(__name__)
@@ -328,6 +328,15 @@ def tree_size(path: str, files: list[str] | None = None) -> int:
     return total
 
 
+def newest_marked_checkpoint(output_dir: str) -> str | None:
+    """Newest checkpoint with a COMPLETE marker, *not* verified: cheap enough to call at every save (estimating what
+    the next checkpoint needs must not re-hash the previous one)."""
+    for path in reversed(list_checkpoints(output_dir)):
+        if os.path.isfile(os.path.join(path, MARKER)):
+            return path
+    return None
+
+
 def checkpoint_size(path: str | None) -> int | None:
     if not path:
         return None
@@ -404,8 +413,8 @@ class WriteTargetCallback(TrainerCallback):
     size of the previous checkpoint), the output dir once training ended (the final model the stage saves next)."""
 
     def on_step_end(self, args, state, control, **kwargs):
-        if control.should_save and state.is_world_process_zero:
-            previous = latest_complete_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if control.should_save:
+            previous = newest_marked_checkpoint(args.output_dir)
             begin_write(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), "checkpoint",
                         checkpoint_size(previous))
         return control
@@ -417,7 +426,7 @@ class WriteTargetCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        previous = latest_complete_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        previous = newest_marked_checkpoint(args.output_dir)
         weights = None
         if previous:
             weights = tree_size(previous, [f for f in os.listdir(previous) if f.endswith((".safetensors", ".bin"))])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT
 from test_sft import write_data
 from transformers import TrainerCallback
 

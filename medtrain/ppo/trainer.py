@@ -66,6 +66,7 @@ from medtrain.resilience import (
     diverged_message,
     drop_gradients,
     gradients_finite,
+    newest_marked_checkpoint,
     preempted_message,
     tree_size,
     writing,
@@ -603,7 +604,7 @@ class PPOTrainer:
         if self._writer is not None:
             self._writer.close()
         STOP.uninstall()
-        previous = latest_complete_checkpoint(str(self.output_dir)) if self.accelerator.is_main_process else None
+        previous = newest_marked_checkpoint(str(self.output_dir))
         # what the stage writes next: the final policy, about the size of the last checkpoint's policy/
         begin_write(str(self.output_dir), "final model", tree_size(os.path.join(previous, "policy")) if previous else None)
         return self.state.log_history
@@ -646,7 +647,7 @@ class PPOTrainer:
         a failed write (disk full) removes the temporary directory and names the path and the space it needs."""
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
         tmp = self.output_dir / f".tmp-{final.name}"
-        previous = latest_complete_checkpoint(str(self.output_dir)) if self.accelerator.is_main_process else None
+        previous = newest_marked_checkpoint(str(self.output_dir))
         try:
             with writing(str(final), "checkpoint", checkpoint_size(previous)):
                 return self._write_checkpoint(final, tmp)
