@@ -7,7 +7,7 @@ Every stage gets the same protection from one call, :func:`resilience_callbacks`
 (``run_args`` is the stage's :class:`medtrain.arguments.RunArguments`, which carries ``--on_nonfinite``). A stage
 with its own loop (PPO, ``medtrain/ppo/trainer.py``) uses :data:`STOP` and :func:`check_gradients` directly.
 
-Exit statuses (``run_main`` maps the exceptions below to them):
+Exit statuses (``medtrain.entrypoint.run_main`` maps the exceptions below to them):
 
 * ``75`` (EX_TEMPFAIL, "temporary failure, retry"): preempted by SIGTERM/SIGINT. The current optimizer step was
   finished and a complete checkpoint written; rerun the same command with ``--resume_from_checkpoint auto``. Not 143
