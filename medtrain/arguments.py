@@ -198,9 +198,24 @@ class DataArguments:
     train_on_inputs: bool = field(
         default=False, metadata={"help": "Also train on system/user/template tokens (default: assistant turns only)."}
     )
+    max_invalid_fraction: float = field(
+        default=0.01,
+        metadata={
+            "help": "Bad records a file may have and still be trained on: up to this fraction of its records are "
+            "skipped with a report (log + output_dir/invalid_samples.txt); more stops the run. A file with fewer "
+            "than 1/fraction records (100 at the default) may have none."
+        },
+    )
+    strict_data: bool = field(
+        default=False,
+        metadata={"help": "Any bad record (including a conversation ending with an unanswered user turn) stops the run."},
+    )
     skip_invalid_samples: bool = field(
         default=False,
-        metadata={"help": "Skip malformed records (counted, listed in output_dir/invalid_samples.txt) instead of stopping."},
+        metadata={
+            "help": "Skip every bad record and unreadable file whatever their number (no --max_invalid_fraction "
+            "limit); they are counted and listed in output_dir/invalid_samples.txt."
+        },
     )
     overwrite_cache: bool = field(default=False, metadata={"help": "Re-run preprocessing even when cached."})
 
@@ -210,6 +225,10 @@ class DataArguments:
             problems.append(f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}.")
         if self.model_max_length <= 0:
             problems.append(f"--model_max_length must be positive, got {self.model_max_length}.")
+        if not 0.0 <= self.max_invalid_fraction <= 1.0:
+            problems.append(f"--max_invalid_fraction must be in [0, 1], got {self.max_invalid_fraction}.")
+        if self.strict_data and self.skip_invalid_samples:
+            problems.append("--strict_data and --skip_invalid_samples contradict each other: pass one.")
         if self.train_file_dir is None and self.dataset_name is None:
             problems.append("no training data: pass --train_file_dir DIR (or --dataset_name NAME).")
         if problems:

@@ -9,12 +9,12 @@ from typing import Any, Callable
 
 from .arguments import DataArguments
 from .errors import DataError
-from .formats import Record, find_data_files
+from .formats import MAX_LISTED, LoadReport, Record, find_data_files
 from .tokenization import describe_sample, encode_dialog, has_supervised_tokens
 
 logger = logging.getLogger(__name__)
 
-Loader = Callable[[list[str], list[str] | None], list[dict]]
+Loader = Callable[[list[str], LoadReport | None], list[dict]]
 
 
 def _hub_records(data_args: DataArguments, split: str) -> list[Record]:
@@ -36,24 +36,19 @@ def load_splits(
 ) -> tuple[list[dict], list[dict]]:
     """Load train and eval examples with ``loader`` (e.g. :func:`formats.load_conversations`).
 
-    Eval comes from ``--validation_file_dir``, else a ``--validation_split_percentage`` hold-out of train. With
-    ``--skip_invalid_samples`` bad records are counted, logged and listed in ``report_dir/invalid_samples.txt``.
+    Eval comes from ``--validation_file_dir``, else a ``--validation_split_percentage`` hold-out of train. Every
+    file is read in full before the bad-record policy (:func:`check_invalid_records`) decides whether to go on.
     """
-    skipped: list[str] | None = [] if data_args.skip_invalid_samples else None
+    report = LoadReport()
     if data_args.train_file_dir:
-        train = loader(find_data_files(data_args.train_file_dir), skipped)
+        train = loader(find_data_files(data_args.train_file_dir), report)
     else:
-        train = _loader_over_records(loader, _hub_records(data_args, "train"), skipped)
+        train = _loader_over_records(loader, _hub_records(data_args, "train"), report)
     if data_args.validation_file_dir:
-        eval_ = loader(find_data_files(data_args.validation_file_dir), skipped)
+        eval_ = loader(find_data_files(data_args.validation_file_dir), report)
     else:
         eval_ = []
-    if skipped:
-        logger.warning("skipped %d invalid record(s); first: %s", len(skipped), skipped[0])
-        if report_dir:
-            os.makedirs(report_dir, exist_ok=True)
-            with open(os.path.join(report_dir, "invalid_samples.txt"), "w", encoding="utf-8") as fh:
-                fh.write("\n".join(skipped) + "\n")
+    check_invalid_records(report, data_args, report_dir)
     if not train:
         raise DataError("no valid training records", file=data_args.train_file_dir or data_args.dataset_name)
     if not eval_ and data_args.validation_split_percentage > 0:
@@ -70,7 +65,89 @@ def load_splits(
     return train, eval_
 
 
-def _loader_over_records(loader: Loader, records: list[Record], skipped: list[str] | None) -> list[dict]:
+INVALID_REPORT = "invalid_samples.txt"
+POLICY_HELP = (
+    "Fix the records, or choose the policy: by default a file may have up to --max_invalid_fraction (0.01) of bad "
+    "records, skipped with a report; --max_invalid_fraction F changes that share; --skip_invalid_samples skips every "
+    "bad record; --strict_data stops at any."
+)
+
+
+def allowed_invalid(records: int, fraction: float) -> int:
+    """Bad records a file of ``records`` may have: ``floor(fraction * records)``.
+
+    So a *tiny* file, one with fewer than ``1 / fraction`` records (100 at 1%), may have none: there a single bad
+    record is already more than the tolerated share, and more likely a format mistake than noise.
+    """
+    return int(fraction * records + 1e-9)
+
+
+def _ordered(report: LoadReport, errors: list[DataError]) -> list[DataError]:
+    rank = {path: i for i, path in enumerate(report.records)}
+    return sorted(errors, key=lambda e: (rank.get(e.file, len(rank)), e.line or 0))
+
+
+def _listing(errors: list[DataError]) -> str:
+    shown = "\n".join(f"  {e}" for e in errors[:MAX_LISTED])
+    more = len(errors) - MAX_LISTED
+    return shown + (f"\n  ... and {more} more" if more > 0 else "")
+
+
+def check_invalid_records(report: LoadReport, data_args: DataArguments, report_dir: str | None = None) -> None:
+    """Apply the bad-record policy to everything a load found; raise one DataError, or log and go on.
+
+    Default: a file whose bad records are at most ``allowed_invalid`` of its records trains without them, with a
+    loud report; more is a format problem and stops the run. ``--strict_data``: any bad record or repaired
+    conversation stops it. ``--skip_invalid_samples``: nothing stops it. Whole-file problems (empty, not UTF-8, a
+    broken JSON array) stop the run unless skipping. Stopping writes nothing, except the full list in
+    ``report_dir/invalid_samples.txt`` when the error cannot quote every problem.
+    """
+    problems = _ordered(report, report.file_errors + report.problems)
+    repaired = _ordered(report, report.repaired)
+    stop = None
+    if data_args.strict_data and (problems or repaired):
+        found = _ordered(report, problems + repaired)
+        stop = (f"{len(found)} bad record(s) in {len({e.file for e in found})} file(s) and --strict_data is set", found)
+    elif not data_args.skip_invalid_samples:
+        lines = [f"{e} (the whole file is unreadable past this point)" for e in report.file_errors]
+        for path, bad in report.bad_per_file().items():
+            total = report.records[path]
+            allowed = allowed_invalid(total, data_args.max_invalid_fraction)
+            if bad > allowed:
+                lines.append(f"{path}: {bad} of {total} records are invalid; --max_invalid_fraction "
+                             f"{data_args.max_invalid_fraction:g} allows {allowed} in a file of {total} records")
+        if lines:
+            stop = ("too many bad records, which looks like a format problem rather than noise:\n  "
+                    + "\n  ".join(lines), problems)
+    if stop is not None:
+        headline, listed = stop
+        if len(listed) > MAX_LISTED and report_dir:
+            path = _write_report(report_dir, listed, [])
+            headline += f" (all {len(listed)} listed in {path})"
+        raise DataError(f"{headline}\nproblems:\n{_listing(listed)}\n{POLICY_HELP}")
+
+    if repaired:
+        logger.warning("%d conversation(s) ended with an unanswered user turn: that turn was dropped, the answered "
+                       "turns are kept (--strict_data refuses them):\n%s", len(repaired), _listing(repaired))
+    if problems:
+        logger.warning("SKIPPED %d bad record(s) (policy: %s):\n%s", len(problems),
+                       "--skip_invalid_samples" if data_args.skip_invalid_samples
+                       else f"--max_invalid_fraction {data_args.max_invalid_fraction:g}", _listing(problems))
+    if (problems or repaired) and report_dir:
+        path = _write_report(report_dir, problems, repaired)
+        logger.warning("every skipped record and repaired conversation is listed in %s", path)
+
+
+def _write_report(report_dir: str, problems: list[DataError], repaired: list[DataError]) -> str:
+    os.makedirs(report_dir, exist_ok=True)
+    path = os.path.join(report_dir, INVALID_REPORT)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.writelines(f"{e}\n" for e in problems)
+        fh.writelines(f"{e}\n" for e in repaired)
+    return path
+
+
+def _loader_over_records(loader: Loader, records: list[Record], report: LoadReport) -> list[dict]:
     """Run a file loader over in-memory records by writing nothing: parse via a temporary JSON Lines file."""
     import json
     import tempfile
@@ -80,7 +157,7 @@ def _loader_over_records(loader: Loader, records: list[Record], skipped: list[st
             fh.write(json.dumps(record.data, ensure_ascii=False) + "\n")
         path = fh.name
     try:
-        return loader([path], skipped)
+        return loader([path], report)
     finally:
         os.unlink(path)
 

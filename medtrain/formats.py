@@ -17,11 +17,14 @@ starts; duplicated keys in an object are an error (silently keeping the last one
 from __future__ import annotations
 
 import json
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from .errors import DataError
+
+logger = logging.getLogger(__name__)
 
 DATA_EXTENSIONS = (".json", ".jsonl")
 
@@ -100,6 +103,16 @@ def read_text(path: str) -> str:
 
 def iter_json_records(path: str) -> Iterator[Record]:
     """Yield the objects of a JSON array file or a JSON Lines file, each with its line number."""
+    for item in iter_json_items(path):
+        if isinstance(item, DataError):
+            raise item
+        yield item
+
+
+def iter_json_items(path: str) -> Iterator[Record | DataError]:
+    """Like :func:`iter_json_records`, but a JSON Lines line that does not parse is yielded as a DataError and
+    reading goes on (lines are independent). Whole-file problems (not UTF-8, empty, a broken JSON array, which
+    cannot be resynchronised) are raised."""
     text = read_text(path)
     if not text.strip():
         raise DataError("file is empty", file=path)
@@ -114,7 +127,8 @@ def iter_json_records(path: str) -> Iterator[Record]:
             data = _DECODER.decode(line)
         except ValueError as err:
             detail = str(err).split(": line")[0]
-            raise DataError(f"invalid JSON ({detail})", file=path, line=number) from None
+            yield DataError(f"invalid JSON ({detail})", file=path, line=number)
+            continue
         yield Record(data, path, number)
 
 
@@ -263,14 +277,55 @@ _FORMAT_HELP = {
 }
 
 
-def _load(files: list[str], formats: dict, kind: str, parse: Callable[[Record, Callable], dict], skipped: list[str] | None):
-    """Parse every record of every file; with ``skipped`` given, bad records are listed there instead of raising."""
+@dataclass
+class LoadReport:
+    """What reading a set of files found, kept so a policy can be applied over all of them at once.
+
+    ``problems`` are bad records (each a DataError naming file:line: field), ``file_errors`` whole-file problems
+    (empty, not UTF-8, a broken JSON array), ``repaired`` conversations kept after dropping an unanswered trailing
+    user turn. ``records`` counts every record seen per file, good or bad.
+    """
+
+    problems: list[DataError] = field(default_factory=list)
+    file_errors: list[DataError] = field(default_factory=list)
+    repaired: list[DataError] = field(default_factory=list)
+    records: dict[str, int] = field(default_factory=dict)
+
+    def bad_per_file(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for problem in self.problems:
+            counts[problem.file] = counts.get(problem.file, 0) + 1
+        return counts
+
+    def raise_if_any(self) -> None:
+        """Strict reading for library callers: one error for one problem, one error listing all for several."""
+        found = self.file_errors + self.problems
+        if len(found) == 1:
+            raise found[0]
+        if found:
+            raise DataError(f"{len(found)} invalid records:\n" + "\n".join(f"  {p}" for p in found[:MAX_LISTED])
+                            + (f"\n  ... and {len(found) - MAX_LISTED} more" if len(found) > MAX_LISTED else ""))
+
+
+MAX_LISTED = 10  # problems quoted in an error or the log; the report file lists all
+
+
+def _load(files: list[str], formats: dict, kind: str, parse: Callable[[Record, Callable], dict],
+          report: LoadReport | None) -> list[dict]:
+    """Parse every record of every file, collecting every problem; without ``report`` any problem raises (after
+    reading everything, so one error lists them all)."""
+    collect = report if report is not None else LoadReport()
     out = []
     for path in files:
         file_format = None
+        collect.records.setdefault(path, 0)
         try:
-            records = iter_json_records(path)
-            for record in records:
+            for item in iter_json_items(path):
+                collect.records[path] += 1
+                if isinstance(item, DataError):
+                    collect.problems.append(item)
+                    continue
+                record = item
                 try:
                     fmt = _detect(record, formats, kind)
                     if file_format is None:
@@ -280,31 +335,43 @@ def _load(files: list[str], formats: dict, kind: str, parse: Callable[[Record, C
                             f"record is in {fmt} format but this file started in {file_format} format; "
                             "keep one format per file"
                         )
-                    item = parse(record, formats[fmt][1])
-                    item["source"] = record.where
-                    out.append(item)
+                    parsed = parse(record, formats[fmt][1])
+                    repaired = parsed.pop("repaired", None)
+                    if repaired is not None:
+                        collect.repaired.append(repaired)
+                    parsed["source"] = record.where
+                    out.append(parsed)
                 except DataError as err:
-                    if skipped is None:
-                        raise
-                    skipped.append(str(err))
+                    collect.problems.append(err)
         except DataError as err:
-            # Whole-file problems (empty, not UTF-8, broken JSON) stop the run unless skipping.
-            if skipped is None:
-                raise
-            if str(err) not in skipped:
-                skipped.append(str(err))
+            collect.file_errors.append(err)
+    if report is None:
+        collect.raise_if_any()
+        if collect.repaired:
+            logger.warning("%d conversation(s) ended with an unanswered user turn: that turn was dropped; first: %s",
+                           len(collect.repaired), collect.repaired[0])
     return out
 
 
-def load_conversations(files: list[str], skipped: list[str] | None = None) -> list[dict]:
-    """Load SFT files as ``{"messages": [...], "source": "file:line"}`` (ending with an assistant turn)."""
+def load_conversations(files: list[str], report: LoadReport | None = None) -> list[dict]:
+    """Load SFT files as ``{"messages": [...], "source": "file:line"}`` (ending with an assistant turn).
+
+    A conversation ending with an unanswered user turn keeps its answered part: the trailing turn is dropped and
+    noted in ``report.repaired`` (a conversation with no answered turn at all is a problem).
+    """
 
     def parse(record: Record, to_messages: Callable[[Record], list[dict]]) -> dict:
         messages = to_messages(record)
-        _check_order(record, messages, "conversations" if "conversations" in record.data else "messages", "assistant")
-        return {"messages": messages}
+        key = "conversations" if "conversations" in record.data else "messages"
+        repaired = None
+        if len(messages) > 1 and messages[-1]["role"] == "user" and messages[-2]["role"] == "assistant":
+            repaired = record.error("unanswered user turn at the end: dropped, the answered turns are kept",
+                                    f"{key}[{len(messages) - 1}]")
+            messages = messages[:-1]
+        _check_order(record, messages, key, "assistant")
+        return {"messages": messages, "repaired": repaired}
 
-    return _load(files, SFT_FORMATS, "sft", parse, skipped)
+    return _load(files, SFT_FORMATS, "sft", parse, report)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -362,7 +429,7 @@ _FIELD_NAMES = {
 }
 
 
-def load_preferences(files: list[str], skipped: list[str] | None = None) -> list[dict]:
+def load_preferences(files: list[str], report: LoadReport | None = None) -> list[dict]:
     """Load preference files as ``{"messages", "chosen", "rejected", "margin", "source"}``.
 
     ``messages`` is the prompt (optional system, history, ending with a user turn); chosen/rejected are the
@@ -386,14 +453,14 @@ def load_preferences(files: list[str], skipped: list[str] | None = None) -> list
             raise record.error(f"expected a number, got {type(margin).__name__}", "margin")
         return {"messages": messages, "chosen": chosen, "rejected": rejected, "margin": float(margin)}
 
-    return _load(files, PREFERENCE_FORMATS, "preference", parse, skipped)
+    return _load(files, PREFERENCE_FORMATS, "preference", parse, report)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Prompts (PPO / inference): any SFT or preference record, or {"prompt"}/{"question"}/{"instruction"}
 
 
-def load_prompts(files: list[str], skipped: list[str] | None = None) -> list[dict]:
+def load_prompts(files: list[str], report: LoadReport | None = None) -> list[dict]:
     """Load prompts as ``{"messages": [... ending with a user turn], "source"}``.
 
     From an SFT conversation the prompt is everything before its last assistant turn; a preference record gives
@@ -430,4 +497,4 @@ def load_prompts(files: list[str], skipped: list[str] | None = None) -> list[dic
     def parse(record: Record, fn: Callable[[Record], list[dict]]) -> dict:
         return {"messages": fn(record)}
 
-    return _load(files, formats, "prompt", parse, skipped)
+    return _load(files, formats, "prompt", parse, report)

@@ -26,7 +26,7 @@ from trl import RewardTrainer
 from .arguments import ModelArguments
 from .chat_format import resolve_chat_format
 from .errors import ConfigError, UserError
-from .formats import iter_json_records, load_conversations, load_preferences
+from .formats import LoadReport, iter_json_records, load_conversations, load_preferences
 from .modeling import load_model, load_tokenizer
 from .preference import TRUNCATION_CHOICES, encode_pair
 
@@ -257,7 +257,7 @@ def describe_pair(tokenizer: Any, pair: dict) -> str:
     return "\n".join(lines)
 
 
-def load_scoring_records(files: list[str], skipped: list[str] | None = None) -> list[dict]:
+def load_scoring_records(files: list[str], report: LoadReport | None = None) -> list[dict]:
     """Records to score, format detected per file: preference pairs (``chosen``/``rejected``) or conversations.
 
     A pair gives ``{"messages" (prompt), "chosen", "rejected", ...}``; a conversation (ending with an assistant
@@ -267,7 +267,7 @@ def load_scoring_records(files: list[str], skipped: list[str] | None = None) -> 
     for path in files:
         first = next(iter(iter_json_records(path)), None)
         is_pairs = first is not None and isinstance(first.data, dict) and any(k in first.data for k in _PREFERENCE_KEYS)
-        records.extend((load_preferences if is_pairs else load_conversations)([path], skipped))
+        records.extend((load_preferences if is_pairs else load_conversations)([path], report))
     return records
 
 

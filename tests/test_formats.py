@@ -7,7 +7,7 @@ import json
 import pytest
 
 from medtrain.errors import DataError
-from medtrain.formats import find_data_files, load_conversations, load_preferences, load_prompts
+from medtrain.formats import LoadReport, find_data_files, load_conversations, load_preferences, load_prompts
 
 EXPECTED = [
     {"role": "system", "content": "You are a careful doctor."},
@@ -73,7 +73,7 @@ def test_json_array_records_report_their_line(tmp_path):
          "conversations[0].value: empty text"),
         ('{"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}]}',
          "conversations[0]: roles out of order"),
-        ('{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "human", "value": "c"}]}',
+        ('{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "c"}]}',
          "conversations: conversation must end with an assistant turn"),
         ('{"conversations": [{"from": "human", "value": "a", "value": "b"}]}', "duplicated key 'value'"),
         ('{"text": "not a conversation"}', "unknown sft format with keys ['text']"),
@@ -119,13 +119,26 @@ def test_skip_invalid_collects_every_bad_record(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join([json.dumps(sharegpt()), "{broken", json.dumps({"conversations": []}), json.dumps(sharegpt())]),
                     encoding="utf-8")
-    skipped: list[str] = []
-    with pytest.raises(DataError):  # broken JSON in a JSON Lines file stops reading that file ...
+    with pytest.raises(DataError) as err:  # without a report, every problem is read first, then one error
         load_conversations([str(path)])
-    path.write_text("\n".join([json.dumps(sharegpt()), json.dumps({"conversations": []}), json.dumps(sharegpt())]),
-                    encoding="utf-8")
-    records = load_conversations([str(path)], skipped)
-    assert len(records) == 2 and skipped == [f"{path}:2: conversations: empty conversation"]
+    assert str(err.value).splitlines() == [
+        "2 invalid records:", f"  {path}:2: invalid JSON (Expecting property name enclosed in double quotes)",
+        f"  {path}:3: conversations: empty conversation"]
+    report = LoadReport()  # JSON Lines lines are independent: a broken one does not hide the records after it
+    records = load_conversations([str(path)], report)
+    assert len(records) == 2 and [str(p) for p in report.problems] == str(err.value).replace("  ", "").splitlines()[1:]
+    assert report.records == {str(path): 4} and report.file_errors == [] and report.repaired == []
+
+
+def test_trailing_user_turn_is_dropped_and_noted(tmp_path):
+    conv = sharegpt()
+    conv["conversations"].append({"from": "human", "value": "Thanks, anything else?"})
+    path = write_jsonl(tmp_path / "t.jsonl", [conv])
+    report = LoadReport()
+    assert load_conversations([path], report)[0]["messages"] == EXPECTED
+    assert [str(r) for r in report.repaired] == [
+        f"{path}:1: conversations[5]: unanswered user turn at the end: dropped, the answered turns are kept"]
+    assert report.problems == []
 
 
 PREF_PROMPT = [{"role": "user", "content": "Is it a cold?"}, {"role": "assistant", "content": "Probably."},
