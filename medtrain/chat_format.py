@@ -41,11 +41,14 @@ class TemplateChatFormat:
     def stop_str(self) -> str:
         return self.template.stop_str
 
-    def dialog(self, messages: list[dict]) -> list[tuple[str, str]]:
-        return self.template.get_dialog(messages, self.system_prompt)
+    def samples(self, messages: list[dict], tools: list | None = None) -> list[list[tuple[str, str]]]:
+        return self.template.get_samples(messages, self.system_prompt)
 
-    def generation_prompt(self, messages: list[dict]) -> str:
+    def generation_prompt(self, messages: list[dict], tools: list | None = None) -> str:
         return self.template.get_prompt(messages, self.system_prompt)
+
+    def dialog(self, messages: list[dict], tools: list | None = None) -> list[tuple[str, str]]:
+        return dialog(self, messages, tools)
 
     def record(self) -> dict:
         return {"kind": "template", "template_name": self.name, "system_prompt": self.system_prompt}
@@ -53,12 +56,14 @@ class TemplateChatFormat:
 
 @dataclass
 class TokenizerChatFormat:
-    """The tokenizer's own Jinja chat template, split into turns by rendering the conversation incrementally.
+    """The tokenizer's own Jinja chat template, split into supervised turns by rendering prefixes of the conversation.
 
-    Turn ``i``'s prompt piece is what the template adds between the end of answer ``i-1`` and the generation prompt
-    for turn ``i``; its answer piece is what completing turn ``i`` adds, up to and including the end-of-turn token
-    (``stop_str``, the tokenizer's eos). Anything the template emits after that token (ChatML's newline) moves to
-    the next prompt piece, so the supervised text is exactly what the model must generate at inference.
+    For every assistant message, its prompt is the template's generation prompt for the conversation before it,
+    and its answer is what rendering the conversation through that message adds, up to and including the
+    end-of-turn token (``stop_str``, the tokenizer's eos): exactly what the model must generate at inference.
+    Templates that render every turn the same way later (ChatML, Llama 3) give one sample per conversation. Templates
+    that rewrite history (Qwen3 drops the reasoning of earlier turns) give a new sample wherever a turn's prompt
+    no longer continues the previous one (see :func:`medtrain.templates.split_samples`).
     """
 
     tokenizer: Any
@@ -70,34 +75,54 @@ class TokenizerChatFormat:
     def stop_str(self) -> str:
         return self.tokenizer.eos_token or ""
 
-    def _render(self, messages: list[dict], generation: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    def _render(self, messages: list[dict], generation: bool, tools: list | None = None) -> str:
+        kwargs = {"tools": tools} if tools else {}
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation, **kwargs)
 
-    def dialog(self, messages: list[dict]) -> list[tuple[str, str]]:
-        messages = _with_system(messages, self.system_prompt)
-        offset = 1 if messages[0]["role"] == "system" else 0
-        pieces: list[tuple[str, str]] = []
-        done, carry = "", ""
-        for end in range(offset + 2, len(messages) + 1, 2):
-            prompt = self._render(messages[: end - 1], generation=True)
-            full = self._render(messages[:end], generation=False)
-            if not prompt.startswith(done) or not full.startswith(prompt):
-                raise UserError(
-                    "the tokenizer's chat template does not render conversations incrementally (it rewrites earlier "
-                    "turns), so assistant masks cannot be derived from it; pass --template_name instead"
-                )
-            answer = full[len(prompt) :]
-            stop = self.stop_str
-            cut = answer.rfind(stop) + len(stop) if stop and stop in answer else len(answer.rstrip())
-            pieces.append((carry + prompt[len(done) :], answer[:cut]))
-            carry, done = answer[cut:], full
-        return pieces
+    def _answer(self, history: list[dict], prompt: str, tools: list | None) -> str:
+        full = self._render(history, generation=False, tools=tools)
+        if not full.startswith(prompt):
+            raise UserError(
+                "the tokenizer's chat template renders a reply that does not continue its own generation prompt, "
+                "so the supervised text cannot be derived from it; pass --template_name instead"
+            )
+        answer = full[len(prompt):]
+        stop = self.stop_str
+        cut = answer.rfind(stop) + len(stop) if stop and stop in answer else len(answer.rstrip())
+        return answer[:cut]
 
-    def generation_prompt(self, messages: list[dict]) -> str:
-        return self._render(_with_system(messages, self.system_prompt), generation=True)
+    def samples(self, messages: list[dict], tools: list | None = None) -> list[list[tuple[str, str]]]:
+        from .templates import split_samples
+
+        return split_samples(
+            _with_system(messages, self.system_prompt),
+            lambda history: self._render(history, generation=True, tools=tools),
+            lambda history, prompt: self._answer(history, prompt, tools),
+        )
+
+    def generation_prompt(self, messages: list[dict], tools: list | None = None) -> str:
+        return self._render(_with_system(messages, self.system_prompt), generation=True, tools=tools)
+
+    def dialog(self, messages: list[dict], tools: list | None = None) -> list[tuple[str, str]]:
+        return dialog(self, messages, tools)
 
     def record(self) -> dict:
         return {"kind": "tokenizer", "template_name": None, "system_prompt": self.system_prompt}
+
+
+def prompt_pieces(chat_format: Any, messages: list[dict], tools: list | None = None) -> list[tuple[str, str]]:
+    """The pieces of the sample that ends with a reply to ``messages`` (ending with a user or tool turn), with the
+    reply left out: tokenised like training tokenises them, they are the ids of the generation prompt."""
+    pieces = chat_format.samples(list(messages) + [{"role": "assistant", "content": ""}], tools)[-1]
+    return pieces[:-1] + [(pieces[-1][0], "")]
+
+
+def dialog(chat_format: Any, messages: list[dict], tools: list | None = None) -> list[tuple[str, str]]:
+    """The one sample of a conversation whose format does not rewrite history (an error otherwise)."""
+    samples = chat_format.samples(messages, tools)
+    if len(samples) != 1:
+        raise UserError("this chat format rewrites earlier turns: a conversation gives several samples")
+    return samples[0]
 
 
 ChatFormat = TemplateChatFormat | TokenizerChatFormat

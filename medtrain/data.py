@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -173,18 +174,33 @@ def tokenize_conversations(
     """
     import datasets
 
-    def encode(example: dict) -> dict:
-        encoded = encode_dialog(tokenizer, chat_format.dialog(example["messages"]), max_length, train_on_inputs)
-        return {"input_ids": encoded.input_ids, "labels": encoded.labels, "truncated": encoded.truncated}
+    def encode(batch: dict) -> dict:
+        # A conversation may give several samples (formats that rewrite history, see ChatFormat.samples).
+        out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "source": []}
+        for messages, tools, source in zip(batch["messages"], batch["tools"], batch["source"]):
+            for pieces in chat_format.samples(json.loads(messages), json.loads(tools)):
+                encoded = encode_dialog(tokenizer, pieces, max_length, train_on_inputs)
+                out["input_ids"].append(encoded.input_ids)
+                out["labels"].append(encoded.labels)
+                out["truncated"].append(encoded.truncated)
+                out["source"].append(source)
+        return out
 
-    dataset = datasets.Dataset.from_list([{"messages": e["messages"], "source": e["source"]} for e in examples])
-    dataset = dataset.map(encode, num_proc=num_proc, desc=f"Tokenizing {name}", remove_columns=["messages"])
+    # Messages and tools travel as JSON text: their optional keys (reasoning, tool calls) vary between records.
+    rows = [{"messages": json.dumps(e["messages"], ensure_ascii=False),
+             "tools": json.dumps(e.get("tools"), ensure_ascii=False), "source": e["source"]} for e in examples]
+    dataset = datasets.Dataset.from_list(rows)
+    dataset = dataset.map(encode, batched=True, num_proc=num_proc, desc=f"Tokenizing {name}",
+                          remove_columns=["messages", "tools"])
+    if len(dataset) > len(rows):
+        logger.info("%s: %d conversations gave %d samples (the chat format rewrites earlier turns, so each reply is "
+                    "trained in the context inference gives it)", name, len(rows), len(dataset))
     truncated = sum(dataset["truncated"])
     keep = [i for i, labels in enumerate(dataset["labels"]) if has_supervised_tokens(labels)]
     dropped = len(dataset) - len(keep)
     if truncated or dropped:
         logger.warning(
-            "%s: %d of %d conversations truncated to %d tokens (cut at turn boundaries); %d dropped with no "
+            "%s: %d of %d samples truncated to %d tokens (cut at turn boundaries); %d dropped with no "
             "supervised token left", name, truncated, len(dataset), max_length, dropped,
         )
     dataset = dataset.select(keep).remove_columns(["truncated", "source"])

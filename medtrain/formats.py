@@ -36,7 +36,12 @@ ROLE_ALIASES = {
     "assistant": "assistant",
     "bot": "assistant",
     "model": "assistant",
+    "function_call": "assistant",  # ShareGPT (LLaMA-Factory, MedicalGPT): an assistant turn that calls tools
+    "observation": "tool",  # ShareGPT: the tool's result
+    "tool": "tool",  # OpenAI
+    "function": "tool",  # OpenAI's older name for a tool result
 }
+ROLE_HELP = "system, human/user, gpt/assistant, function_call, observation/tool"
 
 
 @dataclass
@@ -169,8 +174,88 @@ def _string(record: Record, value: Any, field: str, allow_empty: bool = False) -
     return value
 
 
+def _json_value(record: Record, value: Any, field: str) -> Any:
+    """``value`` itself, or the JSON it holds when it is a string (tools and calls come both ways)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError as err:
+            raise record.error(f"invalid JSON ({str(err).split(': line')[0]})", field) from None
+    return value
+
+
+def _tool_call(record: Record, call: Any, field: str) -> dict:
+    """One call as ``{"type": "function", "function": {"name", "arguments": dict}}`` (OpenAI's shape, parsed)."""
+    if isinstance(call, dict) and isinstance(call.get("function"), dict):
+        call, field = call["function"], f"{field}.function"
+    if not isinstance(call, dict) or "name" not in call:
+        raise record.error('expected a call {"name": ..., "arguments": {...}}', field)
+    name = _string(record, call["name"], f"{field}.name")
+    arguments = _json_value(record, call.get("arguments", {}), f"{field}.arguments")
+    if not isinstance(arguments, dict):
+        raise record.error(f"expected a JSON object of arguments, got {type(arguments).__name__}", f"{field}.arguments")
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _tool_calls(record: Record, value: Any, field: str) -> list[dict]:
+    calls = _json_value(record, value, field)
+    calls = calls if isinstance(calls, list) else [calls]
+    if not calls:
+        raise record.error("empty list of tool calls", field)
+    return [_tool_call(record, call, f"{field}[{i}]" if len(calls) > 1 else field) for i, call in enumerate(calls)]
+
+
+def parse_tools(record: Record, value: Any, field: str = "tools") -> list[dict] | None:
+    """Tool schemas (a JSON string or a list) as OpenAI ``{"type": "function", "function": {...}}`` entries."""
+    if value is None or value == "" or value == []:
+        return None
+    tools = _json_value(record, value, field)
+    if not isinstance(tools, list):
+        raise record.error(f"expected a list of tool schemas, got {type(tools).__name__}", field)
+    out = []
+    for i, tool in enumerate(tools):
+        schema = tool.get("function") if isinstance(tool, dict) and isinstance(tool.get("function"), dict) else tool
+        if not isinstance(schema, dict) or not isinstance(schema.get("name"), str):
+            raise record.error('expected a tool schema with a "name"', f"{field}[{i}]")
+        out.append({"type": "function", "function": schema})
+    return out
+
+
+def split_reasoning(content: str) -> tuple[str, str | None]:
+    """``(answer, reasoning)`` of text that opens with an inline ``<think>...</think>`` block (else reasoning None)."""
+    if content.lstrip().startswith("<think>") and "</think>" in content:
+        head, _, answer = content.partition("</think>")
+        return answer.lstrip("\n"), head.split("<think>", 1)[1].strip("\n")
+    return content, None
+
+
+def _assistant(record: Record, turn: dict, raw_role: str, content: Any, where: str, content_key: str) -> dict:
+    """An assistant message: text, optional ``reasoning_content`` (field or inline <think>), optional tool calls."""
+    message: dict = {"role": "assistant"}
+    if raw_role == "function_call":  # ShareGPT: the value is the call(s) as JSON
+        message["content"] = ""
+        message["tool_calls"] = _tool_calls(record, content, f"{where}.{content_key}")
+        return message
+    calls = turn.get("tool_calls")
+    if calls:
+        message["tool_calls"] = _tool_calls(record, calls, f"{where}.tool_calls")
+        content = "" if content is None else content
+    text = _string(record, content, f"{where}.{content_key}", allow_empty="tool_calls" in message)
+    reasoning = turn.get("reasoning_content", turn.get("reasoning"))
+    if reasoning is None:
+        text, reasoning = split_reasoning(text)
+    elif not isinstance(reasoning, str):
+        raise record.error(f"expected a string, got {type(reasoning).__name__}", f"{where}.reasoning_content")
+    if not text.strip() and "tool_calls" not in message:
+        raise record.error("empty answer after the reasoning", f"{where}.{content_key}")
+    message["content"] = text
+    if reasoning and reasoning.strip():
+        message["reasoning_content"] = reasoning
+    return message
+
+
 def _message_list(record: Record, turns: Any, field: str, role_key: str, content_key: str) -> list[dict]:
-    """Validate a list of turns and map its roles to system/user/assistant."""
+    """Validate a list of turns and map its roles to system/user/assistant/tool."""
     if not isinstance(turns, list):
         raise record.error(f"expected a list of turns, got {type(turns).__name__}", field)
     if not turns:
@@ -182,33 +267,50 @@ def _message_list(record: Record, turns: Any, field: str, role_key: str, content
             raise record.error(f"expected an object with {role_key!r} and {content_key!r}", where)
         if role_key not in turn:
             raise record.error(f"missing {role_key!r}", where)
-        if content_key not in turn:
+        if content_key not in turn and not turn.get("tool_calls"):
             raise record.error(f"missing {content_key!r}", where)
         raw_role = turn[role_key]
         role = ROLE_ALIASES.get(raw_role) if isinstance(raw_role, str) else None
         if role is None:
-            raise record.error(
-                f"unknown role {raw_role!r}; expected one of system, human/user, gpt/assistant", f"{where}.{role_key}"
-            )
-        messages.append({"role": role, "content": _string(record, turn[content_key], f"{where}.{content_key}")})
+            raise record.error(f"unknown role {raw_role!r}; expected one of {ROLE_HELP}", f"{where}.{role_key}")
+        content = turn.get(content_key)
+        if role == "assistant":
+            messages.append(_assistant(record, turn, raw_role, content, where, content_key))
+        else:
+            messages.append({"role": role, "content": _string(record, content, f"{where}.{content_key}")})
     return messages
 
 
+_FOLLOWERS = {"user": ("assistant",), "tool": ("tool", "assistant")}
+
+
 def _check_order(record: Record, messages: list[dict], field: str, last: str) -> None:
-    """A leading system message, then user/assistant alternating from user, ending with ``last``."""
-    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    """A leading system message, then user/assistant alternating from user, ending with ``last``.
+
+    A tool-calling assistant turn is followed by one or more tool results, then the assistant again.
+    """
+    offset = 1 if messages and messages[0]["role"] == "system" else 0
+    body = messages[offset:]
     if not body:
         raise record.error("no user/assistant turns", field)
+    previous = None
     for i, message in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            index = i + (len(messages) - len(body))
+        if previous is None:
+            allowed = ("user",)
+        elif previous["role"] == "assistant":
+            allowed = ("tool",) if previous.get("tool_calls") else ("user",)
+        else:
+            allowed = _FOLLOWERS[previous["role"]] if previous["role"] in _FOLLOWERS else ("user",)
+        if message["role"] not in allowed:
             raise record.error(
-                f"roles out of order: expected {expected!r} at this position, got {message['role']!r} "
-                "(a system turn may only come first; user and assistant must alternate, starting with user)",
-                f"{field}[{index}]",
+                f"roles out of order: expected {' or '.join(repr(a) for a in allowed)} at this position, got "
+                f"{message['role']!r} (a system turn may only come first; user and assistant must alternate, starting "
+                "with user; a tool call is followed by its result(s))",
+                f"{field}[{i + offset}]",
             )
-    if body[-1]["role"] != last:
+        previous = message
+    ends = ("user", "tool") if last == "user" else ("assistant",)
+    if body[-1]["role"] not in ends:
         raise record.error(f"conversation must end with {'a user' if last == 'user' else 'an assistant'} turn", field)
 
 
@@ -222,6 +324,14 @@ def _sharegpt(record: Record) -> list[dict]:
 
 def _openai(record: Record) -> list[dict]:
     return _message_list(record, record.data["messages"], "messages", "role", "content")
+
+
+def _with_tools(record: Record, item: dict) -> dict:
+    """Add the record's ``tools`` (when it has any) to a parsed item."""
+    tools = parse_tools(record, record.data.get("tools")) if isinstance(record.data, dict) else None
+    if tools:
+        item["tools"] = tools
+    return item
 
 
 def _alpaca(record: Record) -> list[dict]:
@@ -364,12 +474,16 @@ def load_conversations(files: list[str], report: LoadReport | None = None) -> li
         messages = to_messages(record)
         key = "conversations" if "conversations" in record.data else "messages"
         repaired = None
-        if len(messages) > 1 and messages[-1]["role"] == "user" and messages[-2]["role"] == "assistant":
-            repaired = record.error("unanswered user turn at the end: dropped, the answered turns are kept",
-                                    f"{key}[{len(messages) - 1}]")
-            messages = messages[:-1]
+        end = len(messages)
+        while end > 0 and messages[end - 1]["role"] in ("user", "tool"):
+            end -= 1
+        if 0 < end < len(messages) and messages[end - 1]["role"] == "assistant":
+            role = messages[end]["role"]
+            repaired = record.error(f"unanswered {role} turn at the end: dropped, the answered turns are kept",
+                                    f"{key}[{end}]")
+            messages = messages[:end]
         _check_order(record, messages, key, "assistant")
-        return {"messages": messages, "repaired": repaired}
+        return _with_tools(record, {"messages": messages, "repaired": repaired})
 
     return _load(files, SFT_FORMATS, "sft", parse, report)
 
@@ -378,19 +492,31 @@ def load_conversations(files: list[str], report: LoadReport | None = None) -> li
 # Preference formats
 
 
-def _response(record: Record, value: Any, field: str) -> str:
-    """A response is a string, a {"from"/"role", "value"/"content"} turn, or a one-turn assistant message list."""
+def _response(record: Record, value: Any, field: str) -> str | dict:
+    """A response: a string, a {"from"/"role", "value"/"content"} turn (``function_call`` / ``tool_calls`` for a tool
+    call, ``reasoning_content`` or inline <think> for reasoning), or a one-turn assistant message list.
+
+    Plain text comes back as a string; a reply with tool calls or reasoning as an assistant message dict.
+    """
     if isinstance(value, dict):
         role = value.get("from", value.get("role", "gpt"))
         if ROLE_ALIASES.get(role) != "assistant":
-            raise record.error(f"response role must be gpt/assistant, got {role!r}", field)
-        text = value.get("value", value.get("content"))
-        return _string(record, text, f"{field}.value" if "value" in value else f"{field}.content")
+            raise record.error(f"response role must be gpt/assistant/function_call, got {role!r}", field)
+        key = "value" if "value" in value else "content"
+        message = _assistant(record, value, role, value.get(key), field, key)
+        if set(message) == {"role", "content"}:
+            return message["content"]
+        return message
     if isinstance(value, list):
         if len(value) != 1:
             raise record.error("expected exactly one assistant message", field)
         return _response(record, value[0], f"{field}[0]")
-    return _string(record, value, field)
+    text, reasoning = split_reasoning(_string(record, value, field))
+    return {"role": "assistant", "content": text, "reasoning_content": reasoning} if reasoning else text
+
+
+def _reply_key(reply: str | dict) -> str:
+    return reply.strip() if isinstance(reply, str) else json.dumps(reply, sort_keys=True, ensure_ascii=False)
 
 
 def _pref_conversations(record: Record) -> tuple[list[dict], Any, Any]:
@@ -446,12 +572,13 @@ def load_preferences(files: list[str], report: LoadReport | None = None) -> list
         _check_order(record, messages, "prompt" if fmt == "prompt" else fmt, "user")
         chosen = _response(record, chosen, chosen_key)
         rejected = _response(record, rejected, rejected_key)
-        if chosen.strip() == rejected.strip():
+        if _reply_key(chosen) == _reply_key(rejected):
             raise record.error("chosen and rejected are identical: the pair carries no preference", rejected_key)
         margin = record.data.get("margin", 0.0)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)):
             raise record.error(f"expected a number, got {type(margin).__name__}", "margin")
-        return {"messages": messages, "chosen": chosen, "rejected": rejected, "margin": float(margin)}
+        item = {"messages": messages, "chosen": chosen, "rejected": rejected, "margin": float(margin)}
+        return _with_tools(record, item)
 
     return _load(files, PREFERENCE_FORMATS, "preference", parse, report)
 
@@ -476,6 +603,8 @@ def load_prompts(files: list[str], report: LoadReport | None = None) -> list[dic
             messages = _message_list(record, data[key], key, role_key, content_key)
             if messages[-1]["role"] == "assistant" and "chosen" not in data:
                 messages = messages[:-1]
+                while messages and messages[-1]["role"] == "assistant":  # never: roles alternate
+                    messages = messages[:-1]
             _check_order(record, messages, key, "user")
             return messages
         if "instruction" in data:
@@ -495,6 +624,6 @@ def load_prompts(files: list[str], report: LoadReport | None = None) -> list[dic
     formats = {"prompt": (lambda d: True, prompt_messages)}
 
     def parse(record: Record, fn: Callable[[Record], list[dict]]) -> dict:
-        return {"messages": fn(record)}
+        return _with_tools(record, {"messages": fn(record)})
 
     return _load(files, formats, "prompt", parse, report)

@@ -18,7 +18,7 @@ import torch
 from transformers import GenerationConfig
 
 from .arguments import ModelArguments
-from .chat_format import RECORD_FILE, load_recorded_chat_format, resolve_chat_format
+from .chat_format import RECORD_FILE, load_recorded_chat_format, prompt_pieces, resolve_chat_format
 from .errors import ConfigError
 from .merging import check_base_path, detect_model_type, load_adapted_model, load_base, read_adapter
 from .modeling import load_tokenizer, resolve_dtype
@@ -28,14 +28,15 @@ __all__ = ["ModelSource", "decode_response", "format_source", "generate_batch", 
            "generation_config", "left_pad", "load_for_inference", "prompt_ids", "stop_token_ids"]
 
 
-def prompt_ids(tokenizer: Any, chat_format: Any, messages: list[dict]) -> list[int]:
-    """Token ids of ``messages`` (ending with a user turn) up to the assistant header, as training tokenises them.
+def prompt_ids(tokenizer: Any, chat_format: Any, messages: list[dict], tools: list | None = None) -> list[int]:
+    """Token ids of ``messages`` (ending with a user or tool turn) up to the assistant header, as training
+    tokenises them (``tools``: the tool schemas offered).
 
     Each turn's pieces are tokenised separately, exactly like ``encode_dialog`` in SFT, so the ids equal the
-    training ids of the same conversation minus the answer still to be generated.
+    training ids of the same conversation minus the answer still to be generated (for templates that rewrite
+    history: the ids of the sample training built for that reply).
     """
-    pieces = chat_format.dialog(list(messages) + [{"role": "assistant", "content": ""}])
-    pieces[-1] = (pieces[-1][0], "")
+    pieces = prompt_pieces(chat_format, messages, tools)
     return encode_dialog(tokenizer, pieces, max_length=sys.maxsize).input_ids
 
 

@@ -37,12 +37,17 @@ def render_pair(chat_format: Any, record: dict) -> tuple[list[tuple[str, str]], 
 
     ``prompt_pieces`` are ``(prompt, answer)`` pairs for the history turns followed by ``(last_prompt, "")``.
     """
-    messages = record["messages"]
-    chosen = chat_format.dialog(messages + [{"role": "assistant", "content": record["chosen"]}])
-    rejected = chat_format.dialog(messages + [{"role": "assistant", "content": record["rejected"]}])
+    messages, tools = record["messages"], record.get("tools")
+    chosen = chat_format.samples(messages + [reply_message(record["chosen"])], tools)[-1]
+    rejected = chat_format.samples(messages + [reply_message(record["rejected"])], tools)[-1]
     if chosen[:-1] != rejected[:-1] or chosen[-1][0] != rejected[-1][0]:
         raise UserError("the chat format renders the shared prompt differently for chosen and rejected")
     return chosen[:-1] + [(chosen[-1][0], "")], chosen[-1][1], rejected[-1][1]
+
+
+def reply_message(reply: str | dict) -> dict:
+    """A reply (text, or an assistant message with reasoning / tool calls) as an assistant message."""
+    return {"role": "assistant", "content": reply} if isinstance(reply, str) else reply
 
 
 def prompt_text(chat_format: Any, record: dict) -> str:

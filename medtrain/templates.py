@@ -66,11 +66,27 @@ class ConversationTemplate:
     always_system: bool = False  # render the system block even when its text is empty
     strip_roles: tuple[str, ...] = ()  # roles whose content the official template strips of outer whitespace
     reference: str = ""  # where the format is published
+    # Reasoning (``reasoning_content`` of an assistant message). ``think_format`` wraps it before the answer text;
+    # ``generation_prefix`` is what a generation prompt writes after the assistant header (Qwen3: "<think>\n"):
+    # the reply the model generates is the rest of the think block, so it must be a prefix of that block.
+    think_format: str = "<think>\n{reasoning}\n</think>\n\n"
+    generation_prefix: str = ""
+    history_reasoning: bool = True  # False: earlier turns are rendered without their reasoning (Qwen3, DeepSeek-R1)
+    thinking: bool = True  # False (no-think variants): reasoning is never rendered, the think block stays empty
+
+    def __post_init__(self) -> None:
+        if self.generation_prefix and not self.think_format.format(reasoning="").startswith(self.generation_prefix):
+            raise ValueError(f"{self.name}: generation_prefix must start the rendered think_format")
+
+    @property
+    def rewrites_history(self) -> bool:
+        """True when a turn renders differently once it is history (so one sequence cannot train every turn)."""
+        return bool(self.generation_prefix) or not self.history_reasoning
 
     # ---- building blocks -------------------------------------------------------------------------------------
 
-    def _split(self, messages: list[dict], system_prompt: str | None) -> tuple[str, list[str], list[str]]:
-        """Validate ``messages``; return the system text, the user contents and the assistant contents."""
+    def _split(self, messages: list[dict], system_prompt: str | None) -> tuple[str, list[str], list[dict]]:
+        """Validate ``messages``; return the system text, the user contents and the assistant messages."""
         if not isinstance(messages, list) or not messages:
             raise DataError("expected a non-empty list of {'role', 'content'} messages", field="messages")
         for i, message in enumerate(messages):
@@ -79,13 +95,15 @@ class ConversationTemplate:
                 raise DataError(f"expected a role in {list(_ROLES)}, got {got!r}", field=f"messages[{i}].role")
             if not isinstance(message.get("content"), str):
                 raise DataError("expected a string", field=f"messages[{i}].content")
+            if not isinstance(message.get("reasoning_content", ""), str):
+                raise DataError("expected a string", field=f"messages[{i}].reasoning_content")
 
         system = self.system_prompt if system_prompt is None else system_prompt
         start = 0
         if messages[0]["role"] == "system":
             system, start = messages[0]["content"], 1
         users: list[str] = []
-        answers: list[str] = []
+        answers: list[dict] = []
         for i, message in enumerate(messages[start:], start):
             expected = "user" if (i - start) % 2 == 0 else "assistant"
             if message["role"] != expected:
@@ -94,7 +112,10 @@ class ConversationTemplate:
                     "roles alternate user/assistant starting with user)",
                     field=f"messages[{i}].role",
                 )
-            (users if expected == "user" else answers).append(message["content"])
+            if expected == "user":
+                users.append(message["content"])
+            else:
+                answers.append(message)
         if not users:
             raise DataError("the conversation has no user message", field="messages")
         return system, users, answers
@@ -117,8 +138,22 @@ class ConversationTemplate:
                 head += block
         return head + self.user_format.format(content=user, idx=turn + 1)
 
-    def _answer_piece(self, answer: str) -> str:
-        return self.assistant_format.format(content=self._text("assistant", answer)) + self.stop_str
+    def _answer_piece(self, answer: dict, last: bool = False) -> str:
+        """The assistant text + stop_str. ``last``: as the final turn (after a generation prompt), else as history.
+
+        A think block is written when the turn has reasoning (kept in history only with ``history_reasoning``), and
+        always on the final turn of a family whose generation prompt opens it; the generation prefix is then cut,
+        since the prompt already holds it.
+        """
+        content = self._text("assistant", answer["content"])
+        reasoning = answer.get("reasoning_content") or "" if self.thinking else ""
+        think = ""
+        if (reasoning and (last or self.history_reasoning)) or (last and self.generation_prefix):
+            think = self.think_format.format(reasoning=reasoning.strip("\n"))
+            content = content.lstrip("\n")
+        if last:
+            think = think[len(self.generation_prefix):]
+        return think + self.assistant_format.format(content=content) + self.stop_str
 
     # ---- public API ------------------------------------------------------------------------------------------
 
@@ -137,15 +172,63 @@ class ConversationTemplate:
             raise DataError("the conversation must end with a user message to prompt for an answer", field="messages")
         done = "".join(self._prompt_piece(t, u, system) + self._answer_piece(a)
                        for t, (u, a) in enumerate(zip(users, answers)))
-        return done + self._prompt_piece(len(answers), users[-1], system)
+        return done + self._prompt_piece(len(answers), users[-1], system) + self.generation_prefix
+
+    def get_samples(self, messages: list[dict], system_prompt: str | None = None) -> list[list[tuple[str, str]]]:
+        """Training samples: each assistant turn in the context :meth:`get_prompt` gives it when it is the last turn.
+
+        For families that render a turn the same way as history and as the last turn this is one sample (equal to
+        :meth:`get_dialog`); for those that rewrite history (reasoning dropped from earlier turns) a turn starts a
+        new sample whenever its prompt no longer continues the previous sample (see :func:`split_samples`).
+        """
+        if not self.rewrites_history:
+            return [self.get_dialog(messages, system_prompt)]
+        self._split(messages, system_prompt)  # validate once, with the whole conversation's field names
+        return split_samples(
+            messages,
+            lambda history: self.get_prompt(history, system_prompt),
+            lambda history, prompt: self._answer_piece(history[-1], last=True),
+        )
 
     def render(self, messages: list[dict], system_prompt: str | None = None) -> str:
-        """The whole conversation for training: ``"".join(p + a for p, a in get_dialog(...))``.
+        """The whole conversation as the last training sample holds it (for most families, ``get_dialog`` joined;
+        for those that rewrite history, earlier turns as history and the last one with its reasoning).
 
         Ends with the last ``stop_str``; a separator the official format writes after the final answer (ChatML's
         "\\n") is omitted because no turn owns it.
         """
-        return "".join(p + a for p, a in self.get_dialog(messages, system_prompt))
+        return "".join(p + a for p, a in self.get_samples(messages, system_prompt)[-1])
+
+
+def split_samples(messages: list[dict], prompt_text, answer_text) -> list[list[tuple[str, str]]]:
+    """Split a conversation into training samples, each a list of ``(prompt_piece, answer_piece)``.
+
+    For every assistant message ``i``: ``prompt_text(messages[:i])`` is the generation prompt a model sees before
+    it, ``answer_text(messages[:i + 1], prompt)`` the reply it must generate (up to its end-of-turn). The turn
+    joins the current sample when its prompt continues that sample's text exactly; otherwise (the format rewrote
+    history, e.g. dropped earlier reasoning) it starts a new sample holding its own full prompt. So every supervised
+    reply sits in exactly the context inference renders for it, and a format that never rewrites history gives one
+    sample: no token is duplicated where it need not be.
+    """
+    samples: list[list[tuple[str, str]]] = []
+    pieces: list[tuple[str, str]] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        prompt = prompt_text(messages[:i])
+        answer = answer_text(messages[: i + 1], prompt)
+        if pieces and prompt.startswith(done):
+            pieces.append((prompt[len(done):], answer))
+        else:
+            if pieces:
+                samples.append(pieces)
+            pieces = [(prompt, answer)]
+        done = prompt + answer
+    if not pieces:
+        raise DataError("the conversation has no assistant message to train on", field="messages")
+    samples.append(pieces)
+    return samples
 
 
 # A global registry of conversation templates, by name.
@@ -430,4 +513,100 @@ register_conv_template(ConversationTemplate(
     "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
     strip_roles=("user", "assistant"),
     reference="CohereForAI/c4ai-command-r-v01 chat_template (default)",
+))
+
+# ---- reasoning families: history rendered without reasoning, so a conversation trains as one sample per turn -----
+
+# Qwen3 (thinking): the generation prompt opens "<think>\n"; the final turn always carries a think block (empty when
+# the data has no reasoning), earlier turns keep only their answer. Checked byte for byte against the Qwen3 tokenizer's
+# own template (tests/test_reasoning_templates.py). Tools: see medtrain.tools.
+register_conv_template(_chatml(
+    "qwen3",
+    generation_prefix="<think>\n",
+    history_reasoning=False,
+    reference="Qwen/Qwen3-4B-Thinking-2507 tokenizer_config.json chat_template (Qwen3 family)",
+))
+
+# Qwen3 with enable_thinking=False: the hybrid Qwen3 template then writes an empty think block into the generation
+# prompt ("<think>\n\n</think>\n\n"), so the model answers directly; reasoning in the data is not trained.
+register_conv_template(_chatml(
+    "qwen3-nothink",
+    generation_prefix="<think>\n\n</think>\n\n",
+    history_reasoning=False,
+    thinking=False,
+    reference="Qwen/Qwen3-8B tokenizer_config.json chat_template with enable_thinking=False",
+))
+
+# DeepSeek-R1: BOS + system text, "<｜User｜>q<｜Assistant｜>a<｜end▁of▁sentence｜>"; history drops everything up
+# to "</think>"; the generation prompt opens "<think>\n". (Its template renders no reasoning even for the final turn;
+# the reply we supervise is what the model generates after that prompt: "reasoning\n</think>\n\nanswer<eos>".)
+register_conv_template(ConversationTemplate(
+    name="deepseek-r1",
+    system_prompt="",
+    stop_str="<｜end▁of▁sentence｜>",
+    bos="<｜begin▁of▁sentence｜>",
+    user_format="<｜User｜>{content}<｜Assistant｜>",
+    generation_prefix="<think>\n",
+    history_reasoning=False,
+    reference="deepseek-ai/DeepSeek-R1 tokenizer_config.json chat_template (revision with '<think>\\n' prompt)",
+))
+
+# ---- other current families -------------------------------------------------------------------------------------
+
+# GLM-4: "[gMASK]<sop><|system|>\nS<|user|>\nQ<|assistant|>\nA". The official format ends a reply with the next role
+# token (<|user|> / <|observation|> are eos ids); as LLaMA-Factory does, each answer ends with the eos text
+# "<|endoftext|>" (a deviation: the official history has none).
+register_conv_template(ConversationTemplate(
+    name="glm4",
+    system_prompt="",
+    stop_str="<|endoftext|>",
+    bos="[gMASK]<sop>",
+    system_format="<|system|>\n{content}",
+    user_format="<|user|>\n{content}<|assistant|>",
+    assistant_format="\n{content}",
+    reference="THUDM/glm-4-9b-chat chat_template; LLaMA-Factory template glm4",
+))
+
+# Gemma 3: as gemma (system text opens the first user turn, contents trimmed).
+register_conv_template(ConversationTemplate(
+    name="gemma3",
+    system_prompt="",
+    stop_str="<end_of_turn>",
+    bos="<bos>",
+    system_format="{content}\n\n",
+    user_format="<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
+    sep="\n",
+    system_in_first_user=True,
+    strip_roles=("system", "user", "assistant"),
+    reference="google/gemma-3-4b-it chat_template (text only)",
+))
+
+register_conv_template(ConversationTemplate(
+    name="llama4",
+    system_prompt="",
+    stop_str="<|eot|>",
+    bos="<|begin_of_text|>",
+    system_format="<|header_start|>system<|header_end|>\n\n{content}<|eot|>",
+    user_format="<|header_start|>user<|header_end|>\n\n{content}<|eot|><|header_start|>assistant<|header_end|>\n\n",
+    reference="meta-llama/Llama-4-Scout-17B-16E-Instruct chat_template (text only); LLaMA-Factory template llama4",
+))
+
+register_conv_template(ConversationTemplate(
+    name="phi4",
+    system_prompt="",
+    stop_str="<|im_end|>",
+    system_format="<|im_start|>system<|im_sep|>{content}<|im_end|>",
+    user_format="<|im_start|>user<|im_sep|>{content}<|im_end|><|im_start|>assistant<|im_sep|>",
+    reference="microsoft/phi-4 tokenizer_config.json chat_template",
+))
+
+# Mistral tokenizer v7 (Mistral-Small-24B-Instruct-2501 and later): a real system slot, no spaces around [INST].
+register_conv_template(ConversationTemplate(
+    name="mistral-v7",
+    system_prompt="",
+    stop_str="</s>",
+    bos="<s>",
+    system_format="[SYSTEM_PROMPT]{content}[/SYSTEM_PROMPT]",
+    user_format="[INST]{content}[/INST]",
+    reference="mistralai/Mistral-Small-24B-Instruct-2501 chat_template (v7 tekken); LLaMA-Factory mistral_small",
 ))

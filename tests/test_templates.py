@@ -284,10 +284,79 @@ EXPECTED: dict[str, tuple[str, str, str]] = {
     ),
 }
 
+def _chat(parts: list[str]) -> str:
+    return "".join(parts)
+
+
+# Reasoning families and the other current ones (references on each template in medtrain/templates.py).
+_QWEN3_HISTORY = ("<|im_start|>user\nI have a fever.<|im_end|>\n<|im_start|>assistant\nRest and drink water.<|im_end|>\n"
+                  "<|im_start|>user\nFor how long?<|im_end|>\n<|im_start|>assistant\n")
+_QWEN3_SYS = "<|im_start|>system\nYou are a doctor.<|im_end|>\n"
+_DS_HISTORY = ("<｜User｜>I have a fever.<｜Assistant｜>Rest and drink water.<｜end▁of▁sentence｜>"
+               "<｜User｜>For how long?<｜Assistant｜>")
+_LLAMA4_TURNS = ("<|header_start|>user<|header_end|>\n\nI have a fever.<|eot|><|header_start|>assistant<|header_end|>"
+                 "\n\nRest and drink water.<|eot|><|header_start|>user<|header_end|>\n\nFor how long?<|eot|>"
+                 "<|header_start|>assistant<|header_end|>\n\n")
+_PHI4_TURNS = ("<|im_start|>user<|im_sep|>I have a fever.<|im_end|><|im_start|>assistant<|im_sep|>Rest and drink water."
+               "<|im_end|><|im_start|>user<|im_sep|>For how long?<|im_end|><|im_start|>assistant<|im_sep|>")
+_GEMMA3 = ("<start_of_turn>model\nRest and drink water.<end_of_turn>\n<start_of_turn>user\nFor how long?<end_of_turn>\n"
+           "<start_of_turn>model\n")
+EXPECTED.update({
+    "qwen3": (
+        _QWEN3_SYS + _QWEN3_HISTORY + "<think>\n\n</think>\n\nThree days.<|im_end|>",
+        _QWEN3_HISTORY + "<think>\n\n</think>\n\nThree days.<|im_end|>",
+        _QWEN3_SYS + _QWEN3_HISTORY + "<think>\n",
+    ),
+    "qwen3-nothink": (
+        _QWEN3_SYS + _QWEN3_HISTORY + "<think>\n\n</think>\n\nThree days.<|im_end|>",
+        _QWEN3_HISTORY + "<think>\n\n</think>\n\nThree days.<|im_end|>",
+        _QWEN3_SYS + _QWEN3_HISTORY + "<think>\n\n</think>\n\n",
+    ),
+    "deepseek-r1": (
+        "<｜begin▁of▁sentence｜>You are a doctor." + _DS_HISTORY + "<think>\n\n</think>\n\nThree days.<｜end▁of▁sentence｜>",
+        "<｜begin▁of▁sentence｜>" + _DS_HISTORY + "<think>\n\n</think>\n\nThree days.<｜end▁of▁sentence｜>",
+        "<｜begin▁of▁sentence｜>You are a doctor." + _DS_HISTORY + "<think>\n",
+    ),
+    "glm4": (
+        "[gMASK]<sop><|system|>\nYou are a doctor.<|user|>\nI have a fever.<|assistant|>\nRest and drink water."
+        "<|endoftext|><|user|>\nFor how long?<|assistant|>\nThree days.<|endoftext|>",
+        "[gMASK]<sop><|user|>\nI have a fever.<|assistant|>\nRest and drink water."
+        "<|endoftext|><|user|>\nFor how long?<|assistant|>\nThree days.<|endoftext|>",
+        "[gMASK]<sop><|system|>\nYou are a doctor.<|user|>\nI have a fever.<|assistant|>\nRest and drink water."
+        "<|endoftext|><|user|>\nFor how long?<|assistant|>",
+    ),
+    "gemma3": (
+        "<bos><start_of_turn>user\nYou are a doctor.\n\nI have a fever.<end_of_turn>\n" + _GEMMA3
+        + "Three days.<end_of_turn>",
+        "<bos><start_of_turn>user\nI have a fever.<end_of_turn>\n" + _GEMMA3 + "Three days.<end_of_turn>",
+        "<bos><start_of_turn>user\nYou are a doctor.\n\nI have a fever.<end_of_turn>\n" + _GEMMA3,
+    ),
+    "llama4": (
+        "<|begin_of_text|><|header_start|>system<|header_end|>\n\nYou are a doctor.<|eot|>" + _LLAMA4_TURNS
+        + "Three days.<|eot|>",
+        "<|begin_of_text|>" + _LLAMA4_TURNS + "Three days.<|eot|>",
+        "<|begin_of_text|><|header_start|>system<|header_end|>\n\nYou are a doctor.<|eot|>" + _LLAMA4_TURNS,
+    ),
+    "phi4": (
+        "<|im_start|>system<|im_sep|>You are a doctor.<|im_end|>" + _PHI4_TURNS + "Three days.<|im_end|>",
+        _PHI4_TURNS + "Three days.<|im_end|>",
+        "<|im_start|>system<|im_sep|>You are a doctor.<|im_end|>" + _PHI4_TURNS,
+    ),
+    "mistral-v7": (
+        "<s>[SYSTEM_PROMPT]You are a doctor.[/SYSTEM_PROMPT][INST]I have a fever.[/INST]Rest and drink water.</s>"
+        "[INST]For how long?[/INST]Three days.</s>",
+        "<s>[INST]I have a fever.[/INST]Rest and drink water.</s>[INST]For how long?[/INST]Three days.</s>",
+        "<s>[SYSTEM_PROMPT]You are a doctor.[/SYSTEM_PROMPT][INST]I have a fever.[/INST]Rest and drink water.</s>"
+        "[INST]For how long?[/INST]",
+    ),
+})
+REWRITING = {"qwen3", "qwen3-nothink", "deepseek-r1"}
+
 REQUIRED = {
     "vicuna", "alpaca", "chatml", "qwen", "llama2", "llama3", "mistral", "chatglm2", "chatglm3", "baichuan",
     "baichuan2", "deepseek", "deepseek3", "yi", "intern2", "zephyr", "gemma", "phi3", "starchat", "xverse", "orion",
-    "cohere", "llama2-zh", "smollm2",
+    "cohere", "llama2-zh", "smollm2", "qwen3", "qwen3-nothink", "deepseek-r1", "glm4", "gemma3", "llama4", "phi4",
+    "mistral-v7",
 }
 
 
@@ -316,7 +385,7 @@ def test_generation_prompt(name):
 
 # ---- the turn split (decides which tokens are supervised) ------------------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", sorted(set(EXPECTED) - REWRITING))
 def test_dialog_invariants(name):
     template = get_conv_template(name)
     dialog = template.get_dialog(WITH_SYS)
