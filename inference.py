@@ -8,6 +8,7 @@
 Prompts are rendered with the chat format recorded at training time in the adapter/model dir (unless
 --template_name is given), tokenised turn by turn exactly as training tokenised them, and generation stops at the
 format's end-of-turn text. In the chat, `clear` starts a new conversation and `exit` (or end of input) quits.
+A prompt record with ``tools`` offers them to the model; its row then holds ``tool_calls`` parsed from the answer.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from medtrain.arguments import parse_args
 from medtrain.entrypoint import run_main
 from medtrain.errors import ConfigError
 from medtrain.formats import find_data_files, load_prompts
+from medtrain.tools import parse_tool_calls
 from medtrain.generation import (  # noqa: F401  (re-exported: inference.prompt_ids etc. keep working)
     decode_response, generate_responses, generation_config, load_for_inference, prompt_ids, stop_token_ids,
 )
@@ -183,7 +185,7 @@ def answer_file(model: Any, tokenizer: Any, chat_format: Any, args: InferenceArg
     responses = generate_responses(
         model, tokenizer, chat_format, [r["messages"] for r in records], max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, temperature=args.temperature or 0.0, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
+        repetition_penalty=args.repetition_penalty, tools=[r.get("tools") for r in records],
     )
     os.makedirs(os.path.dirname(os.path.abspath(args.output_file)), exist_ok=True)
     tmp = f"{args.output_file}.tmp-{os.getpid()}"
@@ -194,6 +196,8 @@ def answer_file(model: Any, tokenizer: Any, chat_format: Any, args: InferenceArg
                 single = len(messages) == 1 and messages[0]["role"] == "user"
                 row = {"question": messages[0]["content"]} if single else {"messages": messages}
                 row["response"] = response
+                if record.get("tools"):  # the model was offered tools: its calls, parsed (content keeps the rest)
+                    row["response"], row["tool_calls"] = parse_tool_calls(response, chat_format)
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.replace(tmp, args.output_file)
     finally:

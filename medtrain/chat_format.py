@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import ConfigError, UserError
 from .templates import get_conv_template
+from .tools import flatten_tools, get_tool_format, has_tool_use, tool_format_of
 
 DEFAULT_TEMPLATE = "vicuna"
 RECORD_FILE = "medtrain_chat_format.json"
@@ -41,11 +42,18 @@ class TemplateChatFormat:
     def stop_str(self) -> str:
         return self.template.stop_str
 
+    def _plain(self, messages: list[dict], tools: list | None) -> list[dict]:
+        """Tool use written as text in the template's tool format (see medtrain.tools)."""
+        if not has_tool_use(messages, tools):
+            return messages
+        default = self.system_prompt if self.system_prompt is not None else self.template.system_prompt
+        return flatten_tools(messages, tools, get_tool_format(self.template.tool_format), default)
+
     def samples(self, messages: list[dict], tools: list | None = None) -> list[list[tuple[str, str]]]:
-        return self.template.get_samples(messages, self.system_prompt)
+        return self.template.get_samples(self._plain(messages, tools), self.system_prompt)
 
     def generation_prompt(self, messages: list[dict], tools: list | None = None) -> str:
-        return self.template.get_prompt(messages, self.system_prompt)
+        return self.template.get_prompt(self._plain(messages, tools), self.system_prompt)
 
     def dialog(self, messages: list[dict], tools: list | None = None) -> list[tuple[str, str]]:
         return dialog(self, messages, tools)
@@ -75,7 +83,15 @@ class TokenizerChatFormat:
     def stop_str(self) -> str:
         return self.tokenizer.eos_token or ""
 
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the template renders tools and tool calls itself (it reads ``tools`` and ``tool_calls``)."""
+        source = self.tokenizer.chat_template or ""
+        return isinstance(source, str) and "tools" in source and "tool_calls" in source
+
     def _render(self, messages: list[dict], generation: bool, tools: list | None = None) -> str:
+        if has_tool_use(messages, tools) and not self.supports_tools:
+            messages, tools = flatten_tools(messages, tools, tool_format_of(self)), None
         kwargs = {"tools": tools} if tools else {}
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation, **kwargs)
 

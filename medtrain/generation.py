@@ -115,15 +115,18 @@ def generate_responses(
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
     streamer: Any = None,
+    tools: list[list | None] | None = None,
 ) -> list[str]:
-    """Answer each conversation (message lists ending with a user turn); greedy unless ``temperature`` > 0.
+    """Answer each conversation (message lists ending with a user or tool turn); greedy unless ``temperature`` > 0.
 
-    Prompts are rendered with ``chat_format`` and tokenised as training did (:func:`prompt_ids`); batches group
-    prompts of similar length, and the answers come back in the input order.
+    Prompts are rendered with ``chat_format`` (with ``tools[i]``, the tool schemas offered to conversation ``i``)
+    and tokenised as training did (:func:`prompt_ids`); batches group prompts of similar length, and the answers
+    come back in the input order. Tool calls in an answer are text: :func:`medtrain.tools.parse_tool_calls`.
     """
     was_training = model.training
     model.eval()
-    encoded = [prompt_ids(tokenizer, chat_format, messages) for messages in conversations]
+    tools = tools or [None] * len(conversations)
+    encoded = [prompt_ids(tokenizer, chat_format, messages, t) for messages, t in zip(conversations, tools)]
     stop_ids = stop_token_ids(tokenizer, chat_format, model)
     config = generation_config(tokenizer, stop_ids, max_new_tokens, temperature, top_p, repetition_penalty,
                                chat_format.stop_str)

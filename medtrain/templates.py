@@ -73,6 +73,11 @@ class ConversationTemplate:
     generation_prefix: str = ""
     history_reasoning: bool = True  # False: earlier turns are rendered without their reasoning (Qwen3, DeepSeek-R1)
     thinking: bool = True  # False (no-think variants): reasoning is never rendered, the think block stays empty
+    # Tool calling (medtrain.tools): the family's text format for tool schemas, calls and results, and the prompt
+    # piece for a turn of tool results where the family has a role for them ("" = a user turn).
+    tool_format: str = "default"
+    observation_format: str = ""
+    call_format: str = ""  # an assistant turn that only calls tools, where it differs from assistant_format
 
     def __post_init__(self) -> None:
         if self.generation_prefix and not self.think_format.format(reasoning="").startswith(self.generation_prefix):
@@ -85,8 +90,8 @@ class ConversationTemplate:
 
     # ---- building blocks -------------------------------------------------------------------------------------
 
-    def _split(self, messages: list[dict], system_prompt: str | None) -> tuple[str, list[str], list[dict]]:
-        """Validate ``messages``; return the system text, the user contents and the assistant messages."""
+    def _split(self, messages: list[dict], system_prompt: str | None) -> tuple[str, list[dict], list[dict]]:
+        """Validate ``messages``; return the system text, the user messages and the assistant messages."""
         if not isinstance(messages, list) or not messages:
             raise DataError("expected a non-empty list of {'role', 'content'} messages", field="messages")
         for i, message in enumerate(messages):
@@ -102,7 +107,7 @@ class ConversationTemplate:
         start = 0
         if messages[0]["role"] == "system":
             system, start = messages[0]["content"], 1
-        users: list[str] = []
+        users: list[dict] = []
         answers: list[dict] = []
         for i, message in enumerate(messages[start:], start):
             expected = "user" if (i - start) % 2 == 0 else "assistant"
@@ -113,7 +118,7 @@ class ConversationTemplate:
                     field=f"messages[{i}].role",
                 )
             if expected == "user":
-                users.append(message["content"])
+                users.append(message)
             else:
                 answers.append(message)
         if not users:
@@ -123,10 +128,13 @@ class ConversationTemplate:
     def _text(self, role: str, content: str) -> str:
         return content.strip() if role in self.strip_roles else content
 
-    def _prompt_piece(self, turn: int, user: str, system: str) -> str:
-        """Prompt piece of turn ``turn`` (0-based): sep or BOS + system block, then the user turn."""
-        user = self._text("user", user)
+    def _prompt_piece(self, turn: int, message: dict, system: str) -> str:
+        """Prompt piece of turn ``turn`` (0-based): sep or BOS + system block, then the user turn (or tool results,
+        in ``observation_format`` where the family has a role for them)."""
+        user = self._text("user", message["content"])
         head = self.sep
+        if message.get("observation") and self.observation_format and turn > 0:
+            return head + self.observation_format.format(content=user)
         if turn == 0:
             block = ""
             if system or self.always_system:
@@ -153,7 +161,8 @@ class ConversationTemplate:
             content = content.lstrip("\n")
         if last:
             think = think[len(self.generation_prefix):]
-        return think + self.assistant_format.format(content=content) + self.stop_str
+        wrapper = self.call_format if answer.get("tool_call_only") and self.call_format else self.assistant_format
+        return think + wrapper.format(content=content) + self.stop_str
 
     # ---- public API ------------------------------------------------------------------------------------------
 
@@ -303,6 +312,7 @@ register_conv_template(_chatml("chatml", reference="ChatML (openai/openai-python
 register_conv_template(_chatml(
     "qwen",
     system_prompt="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+    tool_format="qwen",
     always_system=True,  # the Qwen2.5 template injects the default when no system message is given
     reference="Qwen/Qwen2.5-7B-Instruct tokenizer_config.json chat_template (Qwen2/2.5)",
 ))
@@ -356,7 +366,10 @@ register_conv_template(ConversationTemplate(
     user_format="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
     "<|start_header_id|>assistant<|end_header_id|>\n\n",
     strip_roles=("system", "user", "assistant"),
-    reference="meta-llama/Meta-Llama-3-8B-Instruct chat_template",
+    tool_format="llama3",
+    observation_format="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    reference="meta-llama/Meta-Llama-3-8B-Instruct chat_template; tools as Llama 3.1 JSON tool calling",
 ))
 
 # Mistral-7B-Instruct-v0.1 template as updated to match mistral-common's v1 tokenizer: " [INST] q [/INST] a</s>".
@@ -369,7 +382,10 @@ register_conv_template(ConversationTemplate(
     user_format=" [INST] {content} [/INST]",
     assistant_format=" {content}",
     system_in_first_user=True,
-    reference="mistralai/Mistral-7B-Instruct-v0.1 chat_template (mistral-common v1)",
+    tool_format="mistral",
+    call_format="{content}",  # "[/INST][TOOL_CALLS] [...]</s>": no space before the calls
+    observation_format="[TOOL_RESULTS] {content}[/TOOL_RESULTS]",
+    reference="mistralai/Mistral-7B-Instruct-v0.1 chat_template (mistral-common v1); tools as mistral-common v3",
 ))
 
 # ChatGLM2 build_prompt: "[Round n]\n\n问：q\n\n答：a\n\n". Its tokenizer adds the [gMASK] sop prefix ids itself,
@@ -522,6 +538,7 @@ register_conv_template(ConversationTemplate(
 # own template (tests/test_reasoning_templates.py). Tools: see medtrain.tools.
 register_conv_template(_chatml(
     "qwen3",
+    tool_format="qwen",
     generation_prefix="<think>\n",
     history_reasoning=False,
     reference="Qwen/Qwen3-4B-Thinking-2507 tokenizer_config.json chat_template (Qwen3 family)",
@@ -531,6 +548,7 @@ register_conv_template(_chatml(
 # prompt ("<think>\n\n</think>\n\n"), so the model answers directly; reasoning in the data is not trained.
 register_conv_template(_chatml(
     "qwen3-nothink",
+    tool_format="qwen",
     generation_prefix="<think>\n\n</think>\n\n",
     history_reasoning=False,
     thinking=False,
@@ -564,6 +582,9 @@ register_conv_template(ConversationTemplate(
     system_format="<|system|>\n{content}",
     user_format="<|user|>\n{content}<|assistant|>",
     assistant_format="\n{content}",
+    tool_format="glm4",
+    call_format="{content}",  # "<|assistant|>name\n{arguments}": no newline after the role token
+    observation_format="<|observation|>\n{content}<|assistant|>",
     reference="THUDM/glm-4-9b-chat chat_template; LLaMA-Factory template glm4",
 ))
 
@@ -588,6 +609,9 @@ register_conv_template(ConversationTemplate(
     bos="<|begin_of_text|>",
     system_format="<|header_start|>system<|header_end|>\n\n{content}<|eot|>",
     user_format="<|header_start|>user<|header_end|>\n\n{content}<|eot|><|header_start|>assistant<|header_end|>\n\n",
+    tool_format="llama3",
+    observation_format="<|header_start|>ipython<|header_end|>\n\n{content}<|eot|>"
+    "<|header_start|>assistant<|header_end|>\n\n",
     reference="meta-llama/Llama-4-Scout-17B-16E-Instruct chat_template (text only); LLaMA-Factory template llama4",
 ))
 
@@ -608,5 +632,7 @@ register_conv_template(ConversationTemplate(
     bos="<s>",
     system_format="[SYSTEM_PROMPT]{content}[/SYSTEM_PROMPT]",
     user_format="[INST]{content}[/INST]",
+    tool_format="mistral",
+    observation_format="[TOOL_RESULTS]{content}[/TOOL_RESULTS]",
     reference="mistralai/Mistral-Small-24B-Instruct-2501 chat_template (v7 tekken); LLaMA-Factory mistral_small",
 ))
