@@ -6,8 +6,9 @@
 
 Every DPOConfig option is a flag (``--help`` lists them). Pairs use the reward-model stage's formats and are rendered
 with the same chat format as SFT: the prompt (system prompt and history included) up to the assistant header, and
-each reply with its end-of-turn token. Pairs longer than ``--model_max_length`` tokens lose prompt tokens from the
-left, are cut in prompt and replies, or are dropped (``--truncation left|reply|drop``); the counts are logged. With LoRA the reference is the base model
+each reply with its end-of-turn token. Pairs longer than ``--model_max_length`` tokens are cut in prompt (from the left)
+and replies (at the end) so every pair is kept (``--truncation reply``, the default), lose only prompt tokens
+(``left``), or are dropped (``drop``); the counts are logged. With LoRA the reference is the base model
 with the adapter disabled; with full training, a frozen copy (or ``--ref_model_name_or_path``).
 """
 

@@ -68,7 +68,7 @@ def main(args: list[str] | None = None) -> RewardModelTrainer:
             data_args, load_preferences, seed=training_args.seed, report_dir=training_args.output_dir
         )
         encode = dict(tokenizer=tokenizer, chat_format=chat_format, max_length=data_args.model_max_length,
-                      truncation=reward_args.truncation)
+                      truncation=reward_args.truncation, stage="rm")
         train_pairs = encode_pairs(train_records, name="train", **encode)
         eval_pairs = encode_pairs(eval_records, name="eval", **encode) if eval_records else []
     predict_records = (

@@ -52,12 +52,12 @@ class DPOArguments:
         },
     )
     truncation: str = field(
-        default="left",
+        default="reply",
         metadata={
-            "help": "Pairs longer than --model_max_length tokens: 'left' cuts the prompt from the left (both replies "
-            "stay whole; a pair whose reply alone is too long is dropped), 'reply' keeps at least half the length for "
-            "the end of the prompt and cuts both replies at the end (no pair dropped), 'drop' skips the pair. "
-            "Counts are logged.",
+            "help": "Pairs longer than --model_max_length tokens: 'reply' (default: every pair is kept, as in TRL and "
+            "LLaMA-Factory) keeps at least half the length for the end of the prompt and cuts both replies at the "
+            "end; 'left' cuts only the prompt from the left (replies stay whole; a pair whose reply alone is too long "
+            "is dropped); 'drop' skips the pair. Counts are logged.",
             "choices": DPO_TRUNCATION_CHOICES,
         },
     )

@@ -85,8 +85,16 @@ def encode_pair(
     return EncodedPair(prompt_ids[-keep:], chosen_ids, rejected_ids, truncated=True)
 
 
+def keep_hint(stage: str) -> str:
+    """The flag that keeps pairs too long for ``--model_max_length``."""
+    if stage == "rm":
+        return "raise --model_max_length (a reward model reads its score at the reply's end, so replies are never cut)"
+    return "pass --truncation reply (cut the replies at their end instead) or raise --model_max_length"
+
+
 def encode_pairs(
-    records: list[dict], tokenizer: Any, chat_format: Any, max_length: int, truncation: str = "left", name: str = "train"
+    records: list[dict], tokenizer: Any, chat_format: Any, max_length: int, truncation: str = "left", name: str = "train",
+    stage: str = "dpo",
 ) -> list[dict]:
     """Encode many pairs; the numbers truncated and dropped are logged (never silent)."""
     out, truncated, dropped = [], 0, 0
@@ -108,6 +116,8 @@ def encode_pairs(
             "%s: %d of %d preference pairs longer than %d tokens: %d prompt(s) truncated from the left, %d pair(s) dropped",
             name, truncated + dropped, len(records), max_length, truncated, dropped,
         )
+        if dropped:
+            logger.warning("%s: to keep the %d dropped pair(s): %s", name, dropped, keep_hint(stage))
     if not out:
-        raise UserError(f"{name}: every preference pair is longer than {max_length} tokens; raise --model_max_length")
+        raise UserError(f"{name}: every preference pair is longer than {max_length} tokens; {keep_hint(stage)}")
     return out

@@ -138,7 +138,11 @@ def test_truncation_left_and_drop_are_counted(tiny_chat_model_dir, tmp_path, cap
     messages = [r.getMessage() for r in caplog.records if r.name == "medtrain.preference"]
     assert messages == [
         "train: 2 of 5 preference pairs longer than 96 tokens: 1 prompt(s) truncated from the left, 1 pair(s) dropped",
+        "train: to keep the 1 dropped pair(s): pass --truncation reply (cut the replies at their end instead) or "
+        "raise --model_max_length",
         "train: 2 of 5 preference pairs longer than 96 tokens: 0 prompt(s) truncated from the left, 2 pair(s) dropped",
+        "train: to keep the 2 dropped pair(s): pass --truncation reply (cut the replies at their end instead) or "
+        "raise --model_max_length",
     ]
     # The truncated pair fills MAX_LENGTH exactly and keeps the end of its prompt (the assistant header).
     cut = left[2]
@@ -227,7 +231,7 @@ def test_trl_trains_on_our_ids_without_recutting(lora_run, tiny_chat_model_dir):
     trainer, _ = lora_run
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model_dir)
     assert trainer.args.max_length == MAX_LENGTH and trainer.data_collator.max_length == MAX_LENGTH
-    assert len(trainer.train_dataset) == 4  # one pair truncated from the left, one dropped
+    assert len(trainer.train_dataset) == 5  # default --truncation reply: every pair kept (one prompt cut, one reply)
     first = trainer.train_dataset[0]
     assert first["prompt_ids"] == encode(tokenizer, PROMPT_SEGMENTS)  # not re-tokenized by TRL
     prompt, chosen, rejected = (encode(tokenizer, s) for s in (PROMPT_SEGMENTS, CHOSEN_SEGMENTS, REJECTED_SEGMENTS))

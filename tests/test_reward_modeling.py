@@ -142,8 +142,10 @@ def test_over_long_pairs_are_cut_from_the_left_of_the_prompt_or_dropped(tiny_cha
     assert kept[1]["chosen_ids"] == full["chosen_ids"] and kept[1]["rejected_ids"] == full["rejected_ids"]
     assert "1 of 2 preference pairs longer than 30 tokens: 1 prompt(s) truncated from the left, 0 pair(s) dropped" \
         in caplog.text
-    dropped = encode_pairs([short, long], tokenizer, fmt, max_length=30, truncation="drop")
+    dropped = encode_pairs([short, long], tokenizer, fmt, max_length=30, truncation="drop", stage="rm")
     assert len(dropped) == 1 and "0 prompt(s) truncated from the left, 1 pair(s) dropped" in caplog.text
+    assert "to keep the 1 dropped pair(s): raise --model_max_length (a reward model reads its score at the reply's " \
+           "end, so replies are never cut)" in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------------------------
