@@ -41,9 +41,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"default system: {template.system_prompt!r}")
     print(f"render:         {template.render(messages)!r}")
     print(f"get_prompt:     {template.get_prompt(messages[:-1])!r}")
-    for turn, (prompt, answer) in enumerate(template.get_dialog(messages)):
-        print(f"turn {turn} prompt:  {prompt!r}")
-        print(f"turn {turn} answer:  {answer!r}")
+    samples = template.get_samples(messages)
+    if len(samples) > 1:
+        print(f"training samples: {len(samples)} (the template rewrites earlier turns: one sample per reply)")
+    for number, pieces in enumerate(samples):
+        for turn, (prompt, answer) in enumerate(pieces):
+            label = f"turn {turn}" if len(samples) == 1 else f"sample {number} turn {turn}"
+            print(f"{label} prompt:  {prompt!r}")
+            print(f"{label} answer:  {answer!r}")
 
 
 if __name__ == "__main__":

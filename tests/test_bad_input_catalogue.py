@@ -47,6 +47,18 @@ CASES = [
      "d.jsonl:2: conversations: conversation must end with an assistant turn"),
     ("trailing-user-turn-strict", "sft", "d.jsonl", sft_conv(("human", "q"), ("gpt", "a"), ("human", "q2")),
      ["--strict_data"], "d.jsonl:2: conversations[2]: unanswered user turn at the end"),
+    ("function-call-not-json", "sft", "d.jsonl", sft_conv(("human", "q"), ("function_call", "{oops"), ("observation", "r"),
+     ("gpt", "a")), [], "d.jsonl:2: conversations[1].value: invalid JSON"),
+    ("observation-without-call", "sft", "d.jsonl", sft_conv(("human", "q"), ("observation", "r"), ("gpt", "a")), [],
+     "d.jsonl:2: conversations[1]: roles out of order: expected 'assistant'"),
+    ("tools-not-a-list", "sft", "d.jsonl", line({**GOOD_SFT, "tools": '{"name": "f"}'}), [],
+     "d.jsonl:2: tools: expected a list of tool schemas, got dict"),
+    ("pair-tool-call-without-name", "dpo", "p.jsonl",
+     line({**GOOD_PAIR, "chosen": {"from": "function_call", "value": '{"arguments": {}}'}}), [],
+     "p.jsonl:2: chosen.value: expected a call"),
+    ("reasoning-not-a-string", "sft", "d.jsonl",
+     line({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "reasoning_content": 3}]}),
+     [], "d.jsonl:2: conversations[1].reasoning_content: expected a string, got int"),
     ("strict-and-skip", "sft", None, None, ["--strict_data", "--skip_invalid_samples"], "contradict each other"),
     ("bad-invalid-fraction", "sft", None, None, ["--max_invalid_fraction", "2"], "--max_invalid_fraction must be in [0, 1]"),
     ("non-utf8", "sft", "d.jsonl", b'{"instruction": "fi\xe8vre", "output": "x"}', [], "d.jsonl:2: not valid UTF-8 (byte 0xe8"),
@@ -143,14 +155,14 @@ def test_skip_invalid_samples_counts_and_reports(tiny_chat_model_dir, tmp_path, 
     data.mkdir()
     lines = [line(GOOD_SFT), "{broken", sft_conv(("human", "q"), ("doctor", "a")), line(GOOD_SFT)]
     (data / "a.jsonl").write_text(line(GOOD_SFT) + "\n" + sft_conv(("human", "q"), ("doctor", "a")) + "\n" + line(GOOD_SFT) + "\n")
-    (data / "b.jsonl").write_text("\n".join(lines[:2]) + "\n")  # a broken JSON line: the rest of that file is skipped
+    (data / "b.jsonl").write_text("\n".join(lines[:2]) + "\n")  # a broken JSON line is one bad record
     out = tmp_path / "out"
     import supervised_finetuning
 
     trainer = supervised_finetuning.main(stage_args("sft", tiny_chat_model_dir, data, out) + ["--skip_invalid_samples"])
     report = (out / "invalid_samples.txt").read_text().splitlines()
     assert report == [f"{data / 'a.jsonl'}:2: conversations[1].from: unknown role 'doctor'; expected one of system, "
-                      "human/user, gpt/assistant", f"{data / 'b.jsonl'}:2: invalid JSON (Expecting property name "
+                      "human/user, gpt/assistant, function_call, observation/tool", f"{data / 'b.jsonl'}:2: invalid JSON (Expecting property name "
                       "enclosed in double quotes)"]
     assert trainer.state.global_step == 1
 
