@@ -117,7 +117,8 @@ def check_reward_model_matches(policy_tokenizer, policy_format, scorer) -> None:
 
 def encode_prompts(records: list[dict], tokenizer, chat_format, max_length: int, name: str) -> list[list[int]]:
     """Rendered, tokenised prompts; over-long ones are dropped with a logged count."""
-    prompts = [tokenizer.encode(chat_format.generation_prompt(r["messages"]), add_special_tokens=False) for r in records]
+    prompts = [tokenizer.encode(chat_format.generation_prompt(r["messages"], r.get("tools")), add_special_tokens=False)
+               for r in records]
     kept = [p for p in prompts if len(p) <= max_length]
     if len(kept) < len(prompts):
         logger.warning("%s: dropped %d of %d prompts longer than --max_prompt_length %d",
