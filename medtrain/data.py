@@ -122,6 +122,8 @@ def check_invalid_records(report: LoadReport, data_args: DataArguments, report_d
                     + "\n  ".join(lines), problems)
     if stop is not None:
         headline, listed = stop
+        if len(listed) == 1:  # one problem: it leads the error, as file:line: field: message
+            raise DataError(f"{listed[0]}\n(stopped: {headline})\n{POLICY_HELP}")
         if len(listed) > MAX_LISTED and report_dir:
             path = _write_report(report_dir, listed, [])
             headline += f" (all {len(listed)} listed in {path})"

@@ -142,3 +142,16 @@ def test_sft_trains_on_the_messy_file_and_strict_stops(tiny_chat_model_dir, tmp_
     err = capsys.readouterr().err
     assert code == 2 and "error: 8 bad record(s) in 1 file(s) and --strict_data is set" in err
     assert "Traceback" not in err and not os.path.exists(strict_out / "invalid_samples.txt")
+
+
+def test_a_single_bad_record_leads_the_error(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    path = messy_file(data / "small.jsonl", n=20, trailing=[], empty=[4])
+    with pytest.raises(DataError) as err:
+        load_splits(data_args(data), load_conversations)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{path}:5: conversations[{2 * (1 + 4 % 3) - 1}].value: empty text"
+    assert lines[1] == ("(stopped: too many bad records, which looks like a format problem rather than noise:")
+    assert lines[2] == f"  {path}: 1 of 20 records are invalid; --max_invalid_fraction 0.01 allows 0 in a file of 20 records)"
+    assert "--skip_invalid_samples" in lines[3]
