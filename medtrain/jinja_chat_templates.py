@@ -46,7 +46,21 @@ def _template_jinja(template: Any, system_prompt: str | None) -> str:
 
     system_block = _format_expr(template.system_format, content=text("system", "system"))
     user = _format_expr(template.user_format, content="user_text", idx="(loop.index0 // 2 + 1)")
-    answer = _format_expr(template.assistant_format, content=text("assistant", "message['content']"))
+    answer = _format_expr(template.assistant_format, content="answer_text")
+    # Reasoning (templates.ConversationTemplate._answer_piece): a think block when the turn has reasoning (kept in
+    # history only with history_reasoning) and always on the final turn of a family whose generation prompt opens
+    # it. (A prompt ends with the generation prefix instead: it opens the block the model completes.)
+    think = _format_expr(template.think_format, reasoning="(reasoning | trim('\n'))")
+    prefix = _literal(template.generation_prefix)
+    reasoning_block = "".join([
+        f"{{%- set reasoning = (message['reasoning_content'] or '') if {'true' if template.thinking else 'false'} "
+        "else '' -%}",
+        f"{{%- set answer_text = {text('assistant', 'message[' + repr('content') + ']')} -%}}",
+        f"{{%- if (reasoning and (loop.last or {'true' if template.history_reasoning else 'false'})) or "
+        f"(loop.last and {prefix}) -%}}",
+        f"{{%- set think = {think} -%}}{{%- set answer_text = answer_text.lstrip('\n') -%}}",
+        "{%- else -%}{%- set think = '' -%}{%- endif -%}",
+    ])
     has_block = "true" if template.always_system else "(system | length > 0)"
     user_content = text("user", "message['content']")
     if template.system_in_first_user:
@@ -71,8 +85,10 @@ def _template_jinja(template: Any, system_prompt: str | None) -> str:
         f"{{%- set user_text = {user_content} -%}}{{{{- {_literal(template.sep)} -}}}}",
         "{%- endif -%}",
         f"{{{{- {user} -}}}}",
+        f"{{%- if loop.last -%}}{{{{- {prefix} -}}}}{{%- endif -%}}",
         "{%- else -%}",
-        f"{{{{- {answer} ~ {_literal(template.stop_str)} -}}}}",
+        reasoning_block,
+        f"{{{{- think ~ {answer} ~ {_literal(template.stop_str)} -}}}}",
         "{%- endif -%}",
         "{%- endfor -%}",
     ])

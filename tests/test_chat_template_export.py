@@ -44,7 +44,8 @@ def test_every_template_renders_the_same_through_its_jinja_form(name, tokenizer)
         chat_format = TemplateChatFormat(get_conv_template(name), system_prompt)
         tokenizer.chat_template = jinja_chat_template(chat_format)
         for conversation in CONVERSATIONS:
-            trained = "".join(prompt + answer for prompt, answer in chat_format.dialog(conversation))
+            # the whole conversation as training's last sample holds it (the one sample, for most templates)
+            trained = "".join(prompt + answer for prompt, answer in chat_format.samples(conversation)[-1])
             assert tokenizer.apply_chat_template(conversation, tokenize=False) == trained
             prompt = tokenizer.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True)
             assert prompt == chat_format.generation_prompt(conversation[:-1])
