@@ -1,0 +1,192 @@
+"""Benchmark accuracy of any model the stages produce (base, merged, or base + LoRA adapter), with lm-eval.
+
+    python eval_benchmarks.py --model_name_or_path models/SmolLM2-135M-Instruct \
+        --benchmark_dir data/eval --output_dir outputs-eval --limit 20
+    python eval_benchmarks.py --model_name_or_path outputs-pipeline/sft-merged --lora_model outputs-pipeline/dpo \
+        --benchmark_dir ../shared/data/eval/cmmlu_medical --output_dir outputs-eval-dpo --num_fewshot 5 \
+        --train_file_dir data/sft,data/reward --log_samples
+
+The benchmark dir holds CMMLU-layout CSVs, generic multiple-choice JSONL and/or PubMedQA json (see
+medtrain/benchmarks.py and docs/evaluation.md). Every file is checked before anything is written; then
+OUT/data + OUT/tasks hold the normalised questions and lm-eval task YAMLs, and OUT/results.json, OUT/results.md,
+OUT/lm_eval_results.json, OUT/logs (tensorboard) and, with --log_samples, OUT/samples.jsonl the results.
+OUT/reproduce.sh is the plain `lm_eval` command that gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from medtrain.arguments import ModelArguments, parse_args
+from medtrain.errors import ConfigError, run_main
+
+logger = logging.getLogger("medtrain.eval")
+
+
+@dataclass
+class EvalArguments:
+    """Flags of eval_benchmarks.py."""
+
+    model_name_or_path: str = field(metadata={"help": "Model directory: a base, a merged model, or an adapter's base."})
+    benchmark_dir: str = field(metadata={"help": "Folder of benchmark files (CMMLU CSV, multiple-choice JSONL, PubMedQA json; dev/ = k-shot examples)."})
+    output_dir: str = field(metadata={"help": "Where the task configs and results go."})
+    lora_model: str | None = field(default=None, metadata={"help": "A LoRA adapter dir, evaluated on the base without merging."})
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer; default: the adapter dir's if it has one, else the model's."}
+    )
+    tasks: str | None = field(
+        default=None, metadata={"help": "Comma-separated subjects (or medtrain_* task names, wildcards allowed); default all."}
+    )
+    num_fewshot: int = field(default=0, metadata={"help": "Worked examples (the first k of each subject's dev split) before each question."})
+    limit: int | None = field(default=None, metadata={"help": "Score only the first N test questions of each subject."})
+    batch_size: int = field(default=8, metadata={"help": "Log-likelihood requests per forward pass."})
+    chat_template: bool = field(
+        default=False,
+        metadata={"help": "Render prompts with the chat format recorded at training time (or --template_name). "
+                          "Default off: the plain prompt every model (base, SFT, DPO, PPO) sees identically, as in "
+                          "published CMMLU/MMLU numbers and lm-eval's own default."},
+    )
+    template_name: str | None = field(default=None, metadata={"help": "With --chat_template: a template.py template instead of the recorded format."})
+    system_prompt: str | None = field(default=None, metadata={"help": "With --chat_template: the system text (lm-eval puts the task description there)."})
+    log_samples: bool = field(default=False, metadata={"help": "Write OUT/samples.jsonl: every question with the model's choice and log-likelihoods."})
+    train_file_dir: str | None = field(
+        default=None,
+        metadata={"help": "Contamination check: comma-separated training dirs/files (json, jsonl, txt) the model saw; "
+                          "questions sharing a normalised 13-gram with them are reported per subject."},
+    )
+    torch_dtype: str = field(default="auto", metadata={"help": "Weights dtype; auto = float32 on CPU.",
+                                                       "choices": ["auto", "float32", "bfloat16", "float16"]})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint to run."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace the results in an existing output dir."})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.num_fewshot < 0:
+            problems.append(f"--num_fewshot must be >= 0, got {self.num_fewshot}.")
+        if self.limit is not None and self.limit <= 0:
+            problems.append(f"--limit must be positive, got {self.limit}.")
+        if self.batch_size <= 0:
+            problems.append(f"--batch_size must be positive, got {self.batch_size}.")
+        if (self.template_name or self.system_prompt is not None) and not self.chat_template:
+            problems.append("--template_name/--system_prompt shape the chat prompt: add --chat_template True.")
+        if problems:
+            raise ConfigError(problems)
+
+
+def check_output_dir(args: EvalArguments) -> None:
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite_output_dir:
+        raise ConfigError(f"--output_dir {args.output_dir} is not empty: pick a new one or pass --overwrite_output_dir.")
+
+
+def load_model_and_tokenizer(args: EvalArguments) -> tuple[Any, Any]:
+    """The model (a PeftModel when --lora_model: the adapter stays unmerged) and its tokenizer."""
+    from medtrain.merging import check_base_path, detect_model_type, load_adapted_model, load_base, read_adapter
+    from medtrain.modeling import load_tokenizer, resolve_dtype
+
+    check_base_path(args.model_name_or_path)
+    adapter = read_adapter(args.lora_model) if args.lora_model else None
+    tokenizer_dir = args.tokenizer_name_or_path or (
+        args.lora_model if args.lora_model and os.path.isfile(os.path.join(args.lora_model, "tokenizer_config.json"))
+        else args.model_name_or_path
+    )
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=tokenizer_dir, trust_remote_code=args.trust_remote_code))
+    dtype = resolve_dtype(args.torch_dtype)
+    if adapter is not None:
+        if detect_model_type(adapter) != "causal_lm":
+            raise ConfigError(f"--lora_model {args.lora_model} is a reward-model adapter: it scores, it has no LM head.")
+        model, _ = load_adapted_model(args.model_name_or_path, adapter, tokenizer, "causal_lm", dtype,
+                                      args.trust_remote_code)
+    else:
+        model = load_base(args.model_name_or_path, "causal_lm", dtype, args.trust_remote_code)
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        raise ConfigError(f"the tokenizer ({tokenizer_dir}) has {len(tokenizer)} tokens but the model only "
+                          f"{model.get_input_embeddings().weight.shape[0]} embedding rows: pass its own tokenizer.")
+    import torch
+
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model.eval(), tokenizer
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = parse_args([EvalArguments], argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO, force=True)
+    from medtrain.benchmarks import check_fewshot, load_benchmark, select_subjects, write_tasks
+    from medtrain.contamination import TrainingIndex, check_questions
+    from medtrain import evaluation
+
+    # Check everything (flags, output dir, benchmark files, training files, model) before writing anything
+    check_output_dir(args)
+    subjects = select_subjects(load_benchmark(args.benchmark_dir), args.tasks)
+    check_fewshot(subjects, args.num_fewshot)
+    index = None
+    if args.train_file_dir:
+        index = TrainingIndex.from_paths([p.strip() for p in args.train_file_dir.split(",") if p.strip()])
+    model, tokenizer = load_model_and_tokenizer(args)
+    chat_format = None
+    if args.chat_template:
+        from medtrain.chat_format import resolve_chat_format
+
+        dirs = [d for d in (args.lora_model, args.model_name_or_path) if d]
+        chat_format = resolve_chat_format(tokenizer, dirs, args.template_name, args.system_prompt)
+        logger.info("chat format: %s", chat_format.record())
+    n_questions = sum(len(s.test[: args.limit]) for s in subjects)
+    logger.info("%d subjects, %d questions, %d-shot, chat template %s", len(subjects), n_questions,
+                args.num_fewshot, "on" if chat_format else "off")
+
+    # Task configs + normalised data, then lm-eval
+    out = os.path.abspath(args.output_dir)
+    task_dir = os.path.join(out, "tasks")
+    write_tasks(subjects, out)
+    lm = evaluation.build_lm(model, tokenizer, args.batch_size, chat_format)
+    tasks = [s.task for s in subjects]
+    start = time.perf_counter()
+    raw = evaluation.run_lm_eval(lm, task_dir, tasks, args.num_fewshot, args.limit, chat=chat_format is not None)
+    wall = time.perf_counter() - start
+
+    # Results
+    contamination = None
+    if index is not None:
+        contamination = {s.task: check_questions(index, [q.to_json(False) for q in s.test[: args.limit]])
+                         for s in subjects}
+    summary = evaluation.summarize(raw, subjects, contamination)
+    dtype = str(getattr(model, "dtype", "float32")).replace("torch.", "")
+    command = evaluation.lm_eval_command(args.model_name_or_path, args.lora_model, task_dir, tasks, args.num_fewshot,
+                                         args.limit, args.batch_size, dtype, chat_format is not None)
+    summary = {
+        "model_name_or_path": args.model_name_or_path, "lora_model": args.lora_model,
+        "benchmark_dir": args.benchmark_dir, "num_fewshot": args.num_fewshot, "limit": args.limit,
+        "batch_size": args.batch_size, "chat_format": chat_format.record() if chat_format else None,
+        "train_file_dir": args.train_file_dir, "lm_eval_version": raw.get("lm_eval_version"), **summary,
+        "timing": {"wall_s": round(wall, 2), "questions": summary["micro_average"]["n"],
+                   "questions_per_s": round(summary["micro_average"]["n"] / wall, 3) if wall else None},
+        # the plain CLI reproduces the numbers unless prompts came from a medtrain template / custom system text
+        "reproduce": command if chat_format is None or chat_format.name == "tokenizer" and args.system_prompt is None
+        else None,
+    }
+    evaluation.json_dump({k: v for k, v in raw.items() if k != "samples"}, os.path.join(out, "lm_eval_results.json"))
+    evaluation.json_dump(summary, os.path.join(out, "results.json"))
+    table = evaluation.markdown_table(summary)
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as fh:
+        fh.write(table)
+    if summary["reproduce"]:
+        with open(os.path.join(out, "reproduce.sh"), "w", encoding="utf-8") as fh:
+            fh.write("#!/usr/bin/env bash\n# The same questions through the plain lm-eval CLI: the same numbers.\n"
+                     + summary["reproduce"] + "\n")
+    if args.log_samples:
+        evaluation.write_samples(evaluation.sample_rows(raw, subjects), os.path.join(out, "samples.jsonl"))
+    evaluation.write_tensorboard(summary, os.path.join(out, "logs"))
+    print(table, flush=True)
+    print(f"{n_questions} questions in {wall:.1f} s ({n_questions / wall:.2f} questions/s); results in {out}",
+          file=sys.stderr, flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main)

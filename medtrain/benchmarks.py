@@ -1,0 +1,453 @@
+"""Benchmark files -> validated questions -> lm-eval task configs that read local files.
+
+A benchmark directory (``--benchmark_dir``) holds any mix of three layouts; files in a ``dev/`` folder are worked
+examples for k-shot prompts, every other file holds test questions:
+
+- CMMLU-style CSV (``*.csv``, one file per subject): header ``,Question,A,B,C,D,Answer`` (the first, unnamed column
+  is an index and optional; names are case-insensitive, so C-Eval/CMB exports ``id,question,A,B,C,D,answer`` read
+  too; options A..E, at least two). The subject is the file name without ``.csv`` (and without a C-Eval
+  ``_test``/``_dev``/``_val`` suffix).
+- Generic multiple choice (``*.jsonl`` or a ``*.json`` array): one object per question with ``question``; the options
+  as ``options`` (a list) or keys ``A``..``E``; ``answer`` a letter (``"B"``) or a 0-based index (``1``); optional
+  ``subject`` (default: the file name), ``context`` (text shown before the question) and ``id``.
+- PubMedQA PQA-L (``*.json``, a dict PMID -> ``{"QUESTION", "CONTEXTS", "final_decision"}``). A ground-truth file
+  (dict PMID -> "yes"/"no"/"maybe", e.g. ``pubmedqa_test_ground_truth.json``) beside it selects the test PMIDs;
+  the other PMIDs become the dev pool for k-shot. Without one, every PMID is a test question.
+
+Everything is checked before anything is written: the first bad record stops the run with ``file:line: field:``.
+:func:`write_tasks` then writes the normalised questions as JSON Lines and one lm-eval task YAML per subject
+(``dataset_path: json`` + ``data_files``), so ``lm_eval --include_path OUT/tasks`` re-runs the exact same questions.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError, DataError
+from .formats import Record, iter_json_records, read_text
+
+LETTERS = "ABCDE"
+PUBMEDQA_LABELS = ["yes", "no", "maybe"]
+TASK_PREFIX = "medtrain_"  # lm-eval ships its own cmmlu_* / pubmedqa tasks: never shadow or clash with them
+DEV_FOLDER = "dev"
+BENCHMARK_EXTENSIONS = (".csv", ".jsonl", ".json")
+
+# CMMLU's own prompt names the subject in Chinese; these are our translations of the subject file names.
+SUBJECTS_ZH = {
+    "anatomy": "解剖学", "clinical_knowledge": "临床知识", "college_medicine": "大学医学",
+    "professional_medicine": "专业医学", "traditional_chinese_medicine": "中医中药", "virology": "病毒学",
+    "nutrition": "营养学", "genetics": "遗传学", "medical_genetics": "医学遗传学", "human_sexuality": "人类性行为",
+    "college_biology": "大学生物学", "high_school_biology": "高中生物", "food_science": "食品科学",
+    "sports_science": "体育学",
+}
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+@dataclass
+class Question:
+    """One benchmark question in the normalised form every layout is turned into."""
+
+    question: str
+    choices: list[str]
+    answer: int  # index into choices
+    source: str  # file:line it came from
+    context: str = ""
+    id: str = ""
+
+    def to_json(self, letters: bool) -> dict:
+        return {
+            "id": self.id or self.source, "source": self.source, "question": self.question, "context": self.context,
+            "choices": self.choices, "letters": list(LETTERS[: len(self.choices)]) if letters else self.choices,
+            "answer": self.answer,
+        }
+
+
+@dataclass
+class Subject:
+    """The test (and optional dev) questions of one subject, and how its prompt is written."""
+
+    name: str
+    kind: str  # "mc" (lettered options) or "pubmedqa" (yes/no/maybe words)
+    test: list[Question] = field(default_factory=list)
+    dev: list[Question] = field(default_factory=list)
+    test_files: list[str] = field(default_factory=list)
+    dev_files: list[str] = field(default_factory=list)
+
+    @property
+    def task(self) -> str:
+        return TASK_PREFIX + re.sub(r"\W+", "_", self.name).strip("_").lower()
+
+    @property
+    def chinese(self) -> bool:
+        return any(_CJK.search(q.question) for q in self.test[:50])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Readers (each returns {subject name: [Question]} for one file)
+
+
+def _subject_from_file(path: str) -> str:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return re.sub(r"_(test|dev|val)$", "", stem)
+
+
+def _line_of(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def read_csv(path: str) -> dict[str, list[Question]]:
+    """A CMMLU-layout CSV: header ``,Question,A,B,C,D,Answer``; quoted fields may span lines."""
+    text = read_text(path)
+    if not text.strip():
+        raise DataError("file is empty (a CMMLU-layout CSV needs the header ,Question,A,B,C,D,Answer)", file=path)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [h.strip().lower() for h in next(reader)]
+        columns = {name: i for i, name in enumerate(header) if name}
+        for required in ("question", "answer"):
+            if required not in columns:
+                raise DataError(f"missing column {required.capitalize()!r} (the CMMLU layout is "
+                                f",Question,A,B,C,D,Answer; found {','.join(header)})", file=path, line=1, field="header")
+        letters = ""
+        for letter in LETTERS:
+            if letter.lower() not in columns:
+                break
+            letters += letter
+        if len(letters) < 2:
+            raise DataError(f"missing option columns: need A, B (and C, D, E as the benchmark has), found "
+                            f"{','.join(header)}", file=path, line=1, field="header")
+        questions = []
+        start = reader.line_num + 1
+        for row in reader:
+            line, start = start, reader.line_num + 1
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{len(row)} fields, the header has {len(header)} (an unquoted comma or "
+                                "quote in a field?)", file=path, line=line)
+            question = row[columns["question"]].strip()
+            if not question:
+                raise DataError("empty question", file=path, line=line, field="Question")
+            options = [row[columns[letter.lower()]].strip() for letter in letters]
+            answer = row[columns["answer"]].strip().upper()
+            if answer not in letters or not options[letters.index(answer)]:
+                offered = ", ".join(letter for letter, option in zip(letters, options) if option)
+                raise DataError(f"answer {answer or '(empty)'!r} is not one of the options {offered}",
+                                file=path, line=line, field="Answer")
+            for letter, option in zip(letters, options):
+                if not option:
+                    raise DataError(f"option {letter} is empty", file=path, line=line, field=letter)
+            questions.append(Question(question, options, letters.index(answer), f"{path}:{line}"))
+    except csv.Error as err:
+        raise DataError(f"malformed CSV ({err})", file=path, line=reader.line_num) from None
+    if not questions:
+        raise DataError("no questions: the file has a header but no rows", file=path)
+    return {_subject_from_file(path): questions}
+
+
+def _mc_record(record: Record, default_subject: str) -> tuple[str, Question]:
+    data = record.data
+    if not isinstance(data, dict):
+        raise record.error(f"expected a JSON object per question, got {type(data).__name__}")
+    question = data.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise record.error("missing or empty (the generic layout needs question, options or A..E, answer)",
+                           field="question")
+    if "options" in data:
+        options = data["options"]
+        if not isinstance(options, list) or not 2 <= len(options) <= len(LETTERS):
+            raise record.error(f"must be a list of 2 to {len(LETTERS)} option texts", field="options")
+        letters = LETTERS[: len(options)]
+    else:
+        letters = ""
+        for letter in LETTERS:
+            if letter not in data:
+                break
+            letters += letter
+        if len(letters) < 2:
+            raise record.error("no options: give 'options' (a list) or keys A, B, ... (at least two)", field="options")
+        options = [data[letter] for letter in letters]
+    for letter, option in zip(letters, options):
+        if not isinstance(option, str) or not option.strip():
+            raise record.error("option text must be a non-empty string", field=f"options[{letter}]")
+    answer = data.get("answer")
+    if isinstance(answer, str) and answer.strip().upper() in letters and answer.strip():
+        index = letters.index(answer.strip().upper())
+    elif isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(options):
+        index = answer
+    else:
+        raise record.error(f"{answer!r} is not one of the options {', '.join(letters)} (a letter, or a 0-based "
+                           f"index below {len(options)})", field="answer")
+    subject = data.get("subject", default_subject)
+    if not isinstance(subject, str) or not subject.strip():
+        raise record.error("must be a non-empty string", field="subject")
+    context = data.get("context", "")
+    if not isinstance(context, str):
+        raise record.error("must be a string", field="context")
+    ident = data.get("id", "")
+    return subject.strip(), Question(question.strip(), [o.strip() for o in options], index, record.where,
+                                     context.strip(), str(ident))
+
+
+def read_mc_jsonl(path: str, records: list[Record] | None = None) -> dict[str, list[Question]]:
+    """The generic multiple-choice layout (JSON Lines, or a JSON array of the same objects)."""
+    by_subject: dict[str, list[Question]] = {}
+    for record in records if records is not None else iter_json_records(path):
+        subject, question = _mc_record(record, _subject_from_file(path))
+        by_subject.setdefault(subject, []).append(question)
+    if not by_subject:
+        raise DataError("no questions in the file", file=path)
+    return by_subject
+
+
+def _pubmedqa_question(path: str, text: str, pmid: str, item: Any, label: str | None = None) -> Question:
+    line = _line_of(text, max(text.find(f'"{pmid}"'), 0))
+    if not isinstance(item, dict):
+        raise DataError("expected an object with QUESTION, CONTEXTS, final_decision", file=path, line=line, field=pmid)
+    question, contexts, decision = item.get("QUESTION"), item.get("CONTEXTS"), item.get("final_decision")
+    if not isinstance(question, str) or not question.strip():
+        raise DataError("missing or empty", file=path, line=line, field=f"{pmid}.QUESTION")
+    if not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts):
+        raise DataError("must be a list of strings", file=path, line=line, field=f"{pmid}.CONTEXTS")
+    if decision not in PUBMEDQA_LABELS:
+        raise DataError(f"{decision!r} is not one of yes, no, maybe", file=path, line=line,
+                        field=f"{pmid}.final_decision")
+    if label is not None and label != decision:
+        raise DataError(f"the ground-truth file says {label!r}, final_decision says {decision!r}", file=path,
+                        line=line, field=f"{pmid}.final_decision")
+    return Question(question.strip(), list(PUBMEDQA_LABELS), PUBMEDQA_LABELS.index(decision), f"{path}:{line}",
+                    " ".join(c.strip() for c in contexts), pmid)
+
+
+def _load_json_object(path: str) -> tuple[str, Any]:
+    from .formats import _DECODER
+
+    text = read_text(path)
+    if not text.strip():
+        raise DataError("file is empty", file=path)
+    try:
+        return text, _DECODER.decode(text)
+    except ValueError as err:
+        raise DataError(f"invalid JSON ({str(err).split(': line')[0]})", file=path,
+                        line=getattr(err, "lineno", None)) from None
+
+
+def _is_ground_truth(data: Any) -> bool:
+    return isinstance(data, dict) and bool(data) and all(v in PUBMEDQA_LABELS for v in data.values())
+
+
+def _is_pqal(data: Any) -> bool:
+    return isinstance(data, dict) and bool(data) and all(isinstance(v, dict) and "QUESTION" in v for v in data.values())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A whole benchmark directory
+
+
+def find_benchmark_files(directory: str) -> list[str]:
+    if not os.path.isdir(directory):
+        raise ConfigError(f"--benchmark_dir {directory}: no such directory")
+    found = []
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(root, f) for f in sorted(files)
+                     if f.endswith(BENCHMARK_EXTENSIONS) and not f.startswith("."))
+    if not found:
+        raise DataError("no benchmark files (*.csv CMMLU layout, *.jsonl multiple choice, *.json PubMedQA) found",
+                        file=directory)
+    return found
+
+
+def _is_dev(path: str, directory: str) -> bool:
+    parts = os.path.relpath(path, directory).split(os.sep)[:-1]
+    return DEV_FOLDER in parts
+
+
+def load_benchmark(directory: str) -> list[Subject]:
+    """Read and check every benchmark file under ``directory``; subjects in name order."""
+    subjects: dict[str, Subject] = {}
+
+    def add(name: str, kind: str, questions: list[Question], path: str, dev: bool) -> None:
+        subject = subjects.setdefault(name, Subject(name, kind))
+        if subject.kind != kind:
+            raise DataError(f"subject {name!r} also comes from {(subject.test_files + subject.dev_files)[0]} in "
+                            "another layout: rename one", file=path)
+        for q in questions:  # ids relative to the benchmark dir, so results do not depend on where it lives
+            q.id = q.id or f"{os.path.relpath(q.source.rsplit(':', 1)[0], directory)}:{q.source.rsplit(':', 1)[1]}"
+        files = subject.dev_files if dev else subject.test_files
+        if not dev and subject.test_files and path not in subject.test_files:
+            raise DataError(f"subject {name!r} already has test questions from {subject.test_files[0]}: give one "
+                            "of them another subject name", file=path)
+        (subject.dev if dev else subject.test).extend(questions)
+        if path not in files:
+            files.append(path)
+
+    files = find_benchmark_files(directory)
+    json_files = {}
+    for path in files:
+        dev = _is_dev(path, directory)
+        if path.endswith(".csv"):
+            for name, questions in read_csv(path).items():
+                add(name, "mc", questions, path, dev)
+        elif path.endswith(".jsonl"):
+            for name, questions in read_mc_jsonl(path).items():
+                add(name, "mc", questions, path, dev)
+        else:
+            text, data = _load_json_object(path)
+            if isinstance(data, list):
+                records = []
+                for record in iter_json_records(path):
+                    records.append(record)
+                for name, questions in read_mc_jsonl(path, records).items():
+                    add(name, "mc", questions, path, dev)
+            elif _is_pqal(data) or _is_ground_truth(data):
+                json_files[path] = (text, data)
+            else:
+                raise DataError("unknown layout: expected a PubMedQA PQA-L dict (PMID -> {QUESTION, CONTEXTS, "
+                                "final_decision}), a PubMedQA ground-truth dict (PMID -> yes/no/maybe) or a JSON "
+                                "array of multiple-choice questions", file=path)
+    # PubMedQA: ground-truth files select the test PMIDs of the PQA-L files in the same folder
+    for path, (text, data) in json_files.items():
+        if not _is_pqal(data):
+            continue
+        folder = os.path.dirname(path)
+        truths = {p: d for p, (t, d) in json_files.items() if os.path.dirname(p) == folder and _is_ground_truth(d)}
+        name = "pubmedqa"
+        if truths:
+            labels: dict[str, str] = {}
+            for truth in truths.values():
+                labels.update(truth)
+            truth_path = next(iter(truths))
+            missing = [pmid for pmid in labels if pmid not in data]
+            if missing:
+                raise DataError(f"PMID {missing[0]} (and {len(missing) - 1} more) not in {path}", file=truth_path,
+                                line=_line_of(json_files[truth_path][0], json_files[truth_path][0].find(missing[0])))
+            test = [_pubmedqa_question(path, text, pmid, data[pmid], labels[pmid]) for pmid in labels]
+            dev = [_pubmedqa_question(path, text, pmid, item) for pmid, item in data.items() if pmid not in labels]
+            add(name, "pubmedqa", test, path, False)
+            if dev:
+                add(name, "pubmedqa", dev, path, True)
+        else:
+            questions = [_pubmedqa_question(path, text, pmid, item) for pmid, item in data.items()]
+            add(name, "pubmedqa", questions, path, _is_dev(path, directory))
+    lonely_truth = [p for p, (t, d) in json_files.items() if _is_ground_truth(d)
+                    and not any(_is_pqal(d2) and os.path.dirname(p2) == os.path.dirname(p)
+                                for p2, (t2, d2) in json_files.items())]
+    if lonely_truth:
+        raise DataError("a PubMedQA ground-truth file needs the PQA-L file (pubmedqa_pqal_1k.json) in the same "
+                        "folder", file=lonely_truth[0])
+    for subject in subjects.values():
+        if not subject.test:
+            raise DataError(f"subject {subject.name!r} has dev questions but no test file", file=subject.dev_files[0])
+    tasks: dict[str, str] = {}
+    for subject in subjects.values():
+        if subject.task in tasks:
+            raise DataError(f"subjects {tasks[subject.task]!r} and {subject.name!r} map to the same task name "
+                            f"{subject.task}: rename one", file=subject.test_files[0])
+        tasks[subject.task] = subject.name
+    return [subjects[name] for name in sorted(subjects)]
+
+
+def select_subjects(subjects: list[Subject], tasks: str | None) -> list[Subject]:
+    """``--tasks``: comma-separated subject or task names (shell-style wildcards allowed); None = all."""
+    if not tasks:
+        return subjects
+    from fnmatch import fnmatchcase
+
+    chosen, unknown = [], []
+    for pattern in [t.strip() for t in tasks.split(",") if t.strip()]:
+        hits = [s for s in subjects if fnmatchcase(s.name, pattern) or fnmatchcase(s.task, pattern)]
+        if not hits:
+            unknown.append(pattern)
+        chosen.extend(s for s in hits if s not in chosen)
+    if unknown:
+        raise ConfigError(f"--tasks: no subject matches {', '.join(unknown)}; the benchmark dir has "
+                          f"{', '.join(s.name for s in subjects)}")
+    return chosen
+
+
+def check_fewshot(subjects: list[Subject], num_fewshot: int) -> None:
+    """Every subject needs ``num_fewshot`` worked examples in its dev split."""
+    if num_fewshot <= 0:
+        return
+    for subject in subjects:
+        if len(subject.dev) < num_fewshot:
+            where = subject.dev[-1].source.rsplit(":", 1) if subject.dev else (subject.test_files[0], None)
+            raise DataError(
+                f"subject {subject.name!r} has {len(subject.dev)} dev question(s), --num_fewshot {num_fewshot} "
+                f"needs {num_fewshot}: add worked examples under {DEV_FOLDER}/ (or lower --num_fewshot)",
+                file=where[0], line=int(where[1]) if where[1] else None,
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# lm-eval task configs
+
+
+def _mc_prompt(subject: Subject) -> tuple[str, str]:
+    """(description, doc_to_text) of a lettered multiple-choice subject: CMMLU's prompt in Chinese, MMLU's in English."""
+    options = "{% for c in choices %}{{ letters[loop.index0] }}. {{ c }}\n{% endfor %}"
+    context = "{% if context %}{{ context }}\n{% endif %}"
+    if subject.chinese:
+        zh = SUBJECTS_ZH.get(subject.name)
+        topic = f"关于{zh}的" if zh else ""
+        return f"以下是{topic}单项选择题，请直接给出正确答案的选项。\n\n", context + "{{ question }}\n" + options + "答案："
+    topic = subject.name.replace("_", " ")
+    return (f"The following are multiple choice questions (with answers) about {topic}.\n\n",
+            context + "{{ question }}\n" + options + "Answer:")
+
+
+def task_config(subject: Subject, data_files: dict[str, str]) -> dict:
+    """The lm-eval task YAML (as a dict) of one subject; ``data_files`` maps split -> absolute JSONL path."""
+    config: dict[str, Any] = {
+        "task": subject.task,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": data_files},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_target": "answer",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0, "subject": subject.name},
+    }
+    if "dev" in data_files:
+        # the first k dev questions, in file order, for every test question (CMMLU's and MMLU's k-shot rule)
+        config.update(fewshot_split="dev", fewshot_config={"sampler": "first_n"})
+    if subject.kind == "pubmedqa":
+        # lm-eval's own pubmedqa prompt; the choices are the words yes/no/maybe
+        config.update(doc_to_text="Abstract: {{ context }}\nQuestion: {{ question }}\nAnswer:", doc_to_choice="choices")
+    else:
+        description, text = _mc_prompt(subject)
+        config.update(description=description, doc_to_text=text, doc_to_choice="letters")
+    return config
+
+
+def write_tasks(subjects: list[Subject], output_dir: str) -> dict[str, str]:
+    """Write ``output_dir/data/<task>.<split>.jsonl`` and ``output_dir/tasks/<task>.yaml``; returns task -> yaml path."""
+    import yaml
+
+    data_dir, task_dir = os.path.join(output_dir, "data"), os.path.join(output_dir, "tasks")
+    os.makedirs(data_dir, exist_ok=True)
+    os.makedirs(task_dir, exist_ok=True)
+    written = {}
+    for subject in subjects:
+        data_files = {}
+        for split, questions in (("test", subject.test), ("dev", subject.dev)):
+            if not questions:
+                continue
+            path = os.path.abspath(os.path.join(data_dir, f"{subject.task}.{split}.jsonl"))
+            with open(path, "w", encoding="utf-8") as fh:
+                for q in questions:
+                    fh.write(json.dumps(q.to_json(letters=subject.kind == "mc"), ensure_ascii=False) + "\n")
+            data_files[split] = path
+        yaml_path = os.path.join(task_dir, f"{subject.task}.yaml")
+        with open(yaml_path, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(task_config(subject, data_files), fh, allow_unicode=True, sort_keys=False, width=1000)
+        written[subject.task] = yaml_path
+    return written
