@@ -108,12 +108,14 @@ def read_csv(path: str) -> dict[str, list[Question]]:
         raise DataError("file is empty (a CMMLU-layout CSV needs the header ,Question,A,B,C,D,Answer)", file=path)
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
-        header = [h.strip().lower() for h in next(reader)]
+        raw_header = next(reader)
+        header = [h.strip().lower() for h in raw_header]
         columns = {name: i for i, name in enumerate(header) if name}
         for required in ("question", "answer"):
             if required not in columns:
                 raise DataError(f"missing column {required.capitalize()!r} (the CMMLU layout is "
-                                f",Question,A,B,C,D,Answer; found {','.join(header)})", file=path, line=1, field="header")
+                                f",Question,A,B,C,D,Answer; found {','.join(raw_header)})", file=path, line=1,
+                                field="header")
         letters = ""
         for letter in LETTERS:
             if letter.lower() not in columns:
@@ -121,7 +123,7 @@ def read_csv(path: str) -> dict[str, list[Question]]:
             letters += letter
         if len(letters) < 2:
             raise DataError(f"missing option columns: need A, B (and C, D, E as the benchmark has), found "
-                            f"{','.join(header)}", file=path, line=1, field="header")
+                            f"{','.join(raw_header)}", file=path, line=1, field="header")
         questions = []
         start = reader.line_num + 1
         for row in reader:
