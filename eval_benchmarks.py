@@ -33,7 +33,8 @@ class EvalArguments:
     """Flags of eval_benchmarks.py."""
 
     model_name_or_path: str = field(metadata={"help": "Model directory: a base, a merged model, or an adapter's base."})
-    benchmark_dir: str = field(metadata={"help": "Folder of benchmark files (CMMLU CSV, multiple-choice JSONL, PubMedQA json; dev/ = k-shot examples)."})
+    benchmark_dir: str = field(metadata={"help": "Folder of benchmark files (CMMLU CSV, multiple-choice JSONL, PubMedQA json; dev/ = k-shot "
+                                    "examples), or several folders separated by commas."})
     output_dir: str = field(metadata={"help": "Where the task configs and results go."})
     lora_model: str | None = field(default=None, metadata={"help": "A LoRA adapter dir, evaluated on the base without merging."})
     tokenizer_name_or_path: str | None = field(
@@ -117,13 +118,13 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_args([EvalArguments], argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO, force=True)
-    from medtrain.benchmarks import check_fewshot, load_benchmark, select_subjects, write_tasks
+    from medtrain.benchmarks import check_fewshot, load_benchmarks, select_subjects, write_tasks
     from medtrain.contamination import TrainingIndex, check_questions
     from medtrain import evaluation
 
     # Check everything (flags, output dir, benchmark files, training files, model) before writing anything
     check_output_dir(args)
-    subjects = select_subjects(load_benchmark(args.benchmark_dir), args.tasks)
+    subjects = select_subjects(load_benchmarks(args.benchmark_dir), args.tasks)
     check_fewshot(subjects, args.num_fewshot)
     index = None
     if args.train_file_dir:

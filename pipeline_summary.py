@@ -62,6 +62,47 @@ def stage_metrics(pipeline_dir: str) -> list[tuple[str, str]]:
     return rows
 
 
+EVAL_RUNS = (("base", "base"), ("SFT", "sft"), ("DPO", "dpo"), ("PPO", "ppo"))
+
+
+def eval_table(pipeline_dir: str) -> str | None:
+    """Benchmark accuracy of every evaluated model side by side (acc ± stderr per subject, macro and micro average),
+    and how many questions overlap each model's training data (13-gram contamination check)."""
+    runs = [(name, _json(os.path.join(pipeline_dir, "eval", key, "results.json"))) for name, key in EVAL_RUNS]
+    runs = [(name, results) for name, results in runs if results]
+    if not runs:
+        return None
+    subjects: list[str] = []
+    for _, results in runs:
+        subjects += [s for s in results["subjects"] if s not in subjects]
+    checked = [(name, results) for name, results in runs if results.get("train_file_dir")]
+    header = ["subject", "n"] + [name for name, _ in runs]
+    if checked:
+        header.append("contaminated (" + "/".join(name for name, _ in checked) + ")")
+
+    def cells(label: str, pick) -> list[str]:
+        rows = [pick(results) for _, results in runs]
+        ns = {str(row["n"]) for row in rows if row}
+        line = [label, "/".join(sorted(ns))]
+        line += [f"{row['acc']:.3f} ± {row['acc_stderr']:.3f}" if row else "-" for row in rows]
+        if checked:
+            line.append("/".join(str((pick(results) or {}).get("contaminated", "-")) for _, results in checked))
+        return line
+
+    table = [cells(subject, lambda r, s=subject: r["subjects"].get(s)) for subject in subjects]
+    table.append(cells("macro average", lambda r: r["macro_average"]))
+    table.append(cells("micro average", lambda r: r["micro_average"]))
+    widths = [max(len(row[i]) for row in [header] + table) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    for row in table:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    first = runs[0][1]
+    limit = "all" if first["limit"] is None else f"the first {first['limit']}"
+    lines.append(f"acc ± stderr, {first['num_fewshot']}-shot, {limit} questions per subject; a difference under "
+                 "~2 stderr is noise.")
+    return "\n".join(lines)
+
+
 def answers(model_dir: str, questions: list[list[dict]], max_new_tokens: int) -> list[str]:
     # local: torch/transformers load only when answers are asked for; the summary tables need none of them
     from inference import generate_responses
@@ -93,6 +134,11 @@ def main() -> None:
     print("\n" + "=" * 100 + "\nPIPELINE SUMMARY: key metric per stage\n" + "=" * 100)
     for stage, text in stage_metrics(args.pipeline_dir):
         print(f"{stage:>4}  {text}")
+
+    table = eval_table(args.pipeline_dir)
+    if table:
+        print("\n" + "=" * 100 + "\nBENCHMARK ACCURACY (eval_benchmarks.py, lm-eval)\n" + "=" * 100)
+        print(table)
 
     from medtrain.formats import load_prompts
 

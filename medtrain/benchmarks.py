@@ -356,6 +356,20 @@ def load_benchmark(directory: str) -> list[Subject]:
     return [subjects[name] for name in sorted(subjects)]
 
 
+def load_benchmarks(directories: str) -> list[Subject]:
+    """``--benchmark_dir``: one folder, or several separated by commas (a subject name may occur in only one)."""
+    subjects: dict[str, Subject] = {}
+    for directory in [d.strip() for d in directories.split(",") if d.strip()]:
+        for subject in load_benchmark(directory):
+            if subject.task in subjects:
+                raise DataError(f"subject {subject.name!r} is also in {subjects[subject.task].test_files[0]}: a subject "
+                                "may come from one benchmark dir only", file=subject.test_files[0])
+            subjects[subject.task] = subject
+    if not subjects:
+        raise ConfigError("--benchmark_dir is empty")
+    return sorted(subjects.values(), key=lambda s: s.name)
+
+
 def select_subjects(subjects: list[Subject], tasks: str | None) -> list[Subject]:
     """``--tasks``: comma-separated subject or task names (shell-style wildcards allowed); None = all."""
     if not tasks:

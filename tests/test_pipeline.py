@@ -15,7 +15,7 @@ def test_pipeline_runs_every_stage_on_a_tiny_model(tiny_chat_model_dir, tmp_path
                PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
                MODEL=str(tiny_chat_model_dir), PIPELINE_DIR=str(out), MASTER_PORT="29561", MAX_LEN="256",
                PT_STEPS="2", SFT_STEPS="2", RM_STEPS="2", PPO_STEPS="1", DPO_STEPS="2", NUM_QUESTIONS="2",
-               ANSWER_TOKENS="6")
+               ANSWER_TOKENS="6", EVAL_LIMIT="2", EVAL_BENCH="data/eval")
     proc = subprocess.run(["bash", str(ROOT / "run_pipeline.sh")], capture_output=True, text=True, env=env,
                           timeout=1500, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -29,4 +29,12 @@ def test_pipeline_runs_every_stage_on_a_tiny_model(tiny_chat_model_dir, tmp_path
     for stage in ("PT", "SFT", "RM", "DPO", "PPO"):
         assert f"\n{stage:>4}  " in summary, summary
     assert "held-out perplexity" in summary and "reward-model score per update" in summary
+    for name in ("base", "sft", "dpo", "ppo"):  # every model scored on the same questions
+        assert (out / "eval" / name / "results.json").is_file(), name
+    table = summary[summary.index("BENCHMARK ACCURACY"):]
+    assert "medicine_en    4/2" not in table  # one n per subject: the same questions for every model
+    for row in ("medicine_en", "medicine_zh", "macro average", "micro average"):
+        line = next(l for l in table.splitlines() if l.startswith(row))
+        assert line.split()[-5:-1] != [] and line.count(" ± ") == 4, line
+    assert "contaminated (SFT/DPO/PPO)" in table
     assert summary.count("[base]") == 2 and summary.count("[ PPO]") == 2 and summary.count("[ DPO]") == 2
