@@ -34,6 +34,9 @@ MC_JSONL = [
     {"question": "What is the normal resting heart rate in beats per minute for an adult at rest in the clinic?",
      "A": "60-100", "B": "150-200", "answer": 0, "subject": "cardio"},
 ]
+PQAL = {str(pmid): {"QUESTION": f"Does drug {pmid} help?", "CONTEXTS": ["Background.", "Results."],
+                    "final_decision": label, "LONG_ANSWER": "..."}
+        for pmid, label in zip(range(101, 105), ["yes", "no", "maybe", "yes"])}
 CARDIO_DEV = {"question": "Where is bile made?", "options": ["Liver", "Lung"], "answer": "A", "subject": "cardio"}
 # The second cardio question, with other spacing/case/punctuation and full-width characters, inside a training text
 PLANTED = ("Note: WHAT is the normal resting heart-rate, in beats per minute, for an adult at rest in the ＣＬＩＮＩＣ? "
@@ -50,6 +53,9 @@ def write_benchmark(root: Path, dev: bool = True) -> Path:
     with open(root / "mine.jsonl", "w", encoding="utf-8") as fh:
         for row in MC_JSONL:
             fh.write(json.dumps(row) + "\n")
+    (root / "pubmed").mkdir()
+    (root / "pubmed" / "pqal.json").write_text(json.dumps(PQAL, indent=1), encoding="utf-8")
+    (root / "pubmed" / "truth.json").write_text(json.dumps({"104": "yes", "102": "no"}), encoding="utf-8")
     return root
 
 
@@ -110,27 +116,48 @@ def test_choice_loglikelihoods_recomputed_by_hand(eval_run, tiny_model_dir):
     assert row["correct"] == (row["model_choice"] == "B")
 
 
+def test_pubmedqa_prompt_and_word_choices(eval_run):
+    """lm-eval's PubMedQA prompt; the choices are the words yes/no/maybe; 1-shot from the non-test PMIDs."""
+    rows = [r for r in samples(eval_run) if r["subject"] == "pubmedqa"]
+    assert [(r["id"], r["answer"]) for r in rows] == [("104", "yes"), ("102", "no")]
+    assert rows[0]["prompt"] == ("Abstract: Background. Results.\nQuestion: Does drug 101 help?\nAnswer: yes\n\n"
+                                 "Abstract: Background. Results.\nQuestion: Does drug 104 help?\nAnswer:")
+    assert rows[0]["model_choice"] == ["yes", "no", "maybe"][max(range(3), key=rows[0]["loglikelihoods"].__getitem__)]
+
+
+def test_project_benchmark_is_not_in_the_project_training_data():
+    from medtrain.contamination import check_questions
+
+    index = TrainingIndex.from_paths([str(ROOT / "data" / d) for d in ("pretrain", "sft", "sft_openai", "alpaca",
+                                                                       "reward")])
+    for subject in load_benchmark(str(ROOT / "data" / "eval")):
+        assert check_questions(index, [q.to_json(True) for q in subject.test + subject.dev]) == [], subject.name
+
+
 def test_results_layout(eval_run):
     results = json.loads((eval_run / "results.json").read_text(encoding="utf-8"))
     rows = [r for r in samples(eval_run) if r["subject"] == "anatomy"]
     anatomy = results["subjects"]["anatomy"]
-    assert list(results["subjects"]) == ["anatomy", "cardio"]
+    assert list(results["subjects"]) == ["anatomy", "cardio", "pubmedqa"]
     assert anatomy["n"] == 3 and anatomy["task"] == "medtrain_anatomy"
     acc = sum(r["correct"] for r in rows) / 3
     assert anatomy["acc"] == pytest.approx(acc)
     assert anatomy["acc_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / 2))  # sample variance, n - 1
     cardio = results["subjects"]["cardio"]
     assert cardio["n"] == 2
-    assert results["macro_average"]["acc"] == pytest.approx((acc + cardio["acc"]) / 2)
-    assert results["micro_average"]["acc"] == pytest.approx((3 * acc + 2 * cardio["acc"]) / 5)
+    pubmedqa = results["subjects"]["pubmedqa"]
+    accs = [acc, cardio["acc"], pubmedqa["acc"]]
+    assert results["macro_average"]["acc"] == pytest.approx(sum(accs) / 3)
+    assert results["micro_average"]["acc"] == pytest.approx((3 * accs[0] + 2 * accs[1] + 2 * accs[2]) / 7)
     assert results["macro_average"]["acc_stderr"] == pytest.approx(
-        math.sqrt(anatomy["acc_stderr"] ** 2 + cardio["acc_stderr"] ** 2) / 2)
-    assert results["micro_average"]["n"] == results["macro_average"]["n"] == 5
+        math.sqrt(sum(r["acc_stderr"] ** 2 for r in (anatomy, cardio, pubmedqa))) / 3)
+    assert results["micro_average"]["n"] == results["macro_average"]["n"] == 7
     assert results["num_fewshot"] == 1 and results["chat_format"] is None
     table = (eval_run / "results.md").read_text(encoding="utf-8").splitlines()
     assert table[0] == "| subject | n | acc | acc stderr | acc_norm | acc_norm stderr | contaminated |"
     assert table[2].startswith(f"| anatomy | 3 | {acc:.4f} | {anatomy['acc_stderr']:.4f} |")
-    assert [line.split(" | ")[0] for line in table[3:]] == ["| cardio", "| **macro average**", "| **micro average**"]
+    assert [line.split(" | ")[0] for line in table[3:]] == ["| cardio", "| pubmedqa", "| **macro average**",
+                                                             "| **micro average**"]
     raw = json.loads((eval_run / "lm_eval_results.json").read_text(encoding="utf-8"))
     assert raw["results"]["medtrain_anatomy"]["acc,none"] == anatomy["acc"]
     assert raw["n-shot"]["medtrain_anatomy"] == 1
@@ -144,8 +171,9 @@ def test_results_layout(eval_run):
 def test_plain_lm_eval_cli_gives_identical_numbers(eval_run, tiny_model_dir, tmp_path):
     """OUT/reproduce.sh (the plain `lm_eval` CLI on OUT/tasks) scores every question exactly as our script did."""
     command = (eval_run / "reproduce.sh").read_text(encoding="utf-8").splitlines()[-1]
-    assert command.startswith(f"lm_eval --model hf --model_args pretrained={tiny_model_dir},dtype=float32 "
-                              f"--include_path {eval_run}/tasks --tasks medtrain_anatomy,medtrain_cardio --num_fewshot 1")
+    assert command.startswith(
+        f"lm_eval --model hf --model_args pretrained={tiny_model_dir},dtype=float32 --include_path {eval_run}/tasks "
+        "--tasks medtrain_anatomy,medtrain_cardio,medtrain_pubmedqa --num_fewshot 1")
     lm_eval = Path(sys.executable).with_name("lm_eval")
     proc = subprocess.run(f"{lm_eval}{command[len('lm_eval'):]} --log_samples --output_path {tmp_path}/cli",
                           shell=True, capture_output=True, text=True, timeout=600,
@@ -155,7 +183,7 @@ def test_plain_lm_eval_cli_gives_identical_numbers(eval_run, tiny_model_dir, tmp
     cli = json.loads(result_file.read_text(encoding="utf-8"))["results"]
     ours = json.loads((eval_run / "lm_eval_results.json").read_text(encoding="utf-8"))["results"]
     cli_loglik = []
-    for task in ("medtrain_anatomy", "medtrain_cardio"):
+    for task in ("medtrain_anatomy", "medtrain_cardio", "medtrain_pubmedqa"):
         for metric in ("acc,none", "acc_stderr,none", "acc_norm,none", "acc_norm_stderr,none"):
             assert cli[task][metric] == ours[task][metric]
         (sample_file,) = (tmp_path / "cli").rglob(f"samples_{task}_*.jsonl")
@@ -222,7 +250,7 @@ def test_contamination_planted_overlap(tmp_path):
                for s in questions}
     # the long English question shares 13-grams despite case/punctuation/full-width; the short Chinese question
     # (9 characters) occurs whole; "Which organ pumps blood?" does not occur
-    assert flagged == {"anatomy": ["test/anatomy.csv:2"], "cardio": ["mine.jsonl:2"]}
+    assert flagged == {"anatomy": ["test/anatomy.csv:2"], "cardio": ["mine.jsonl:2"], "pubmedqa": []}
     twelve = " ".join(tokens(MC_JSONL[1]["question"])[:12])
     assert not TrainingIndex([twelve]).overlaps(MC_JSONL[1]["question"])  # 12 shared tokens are not 13
     assert TrainingIndex(["x " + " ".join(tokens(MC_JSONL[1]["question"])[3:16])]).overlaps(MC_JSONL[1]["question"])
@@ -242,10 +270,7 @@ def test_contamination_reported_per_subject(eval_run):
 
 
 def test_pubmedqa_layout_with_ground_truth_split(tmp_path):
-    pqal = {str(pmid): {"QUESTION": f"Does drug {pmid} help?", "CONTEXTS": ["Background.", "Results."],
-                        "final_decision": label, "LONG_ANSWER": "..."}
-            for pmid, label in zip(range(101, 105), ["yes", "no", "maybe", "yes"])}
-    (tmp_path / "pqal.json").write_text(json.dumps(pqal, indent=1), encoding="utf-8")
+    (tmp_path / "pqal.json").write_text(json.dumps(PQAL, indent=1), encoding="utf-8")
     (tmp_path / "truth.json").write_text(json.dumps({"104": "yes", "102": "no"}), encoding="utf-8")
     (subject,) = load_benchmark(str(tmp_path))
     assert (subject.name, subject.kind) == ("pubmedqa", "pubmedqa")
@@ -324,7 +349,7 @@ def test_flag_errors(tmp_path, tiny_model_dir, bench):
     import eval_benchmarks
 
     common = ["--model_name_or_path", str(tiny_model_dir), "--benchmark_dir", str(bench)]
-    with pytest.raises(ConfigError, match="--tasks: no subject matches nope; the benchmark dir has anatomy, cardio"):
+    with pytest.raises(ConfigError, match="--tasks: no subject matches nope; the benchmark dir has anatomy, cardio, pubmedqa"):
         eval_benchmarks.main(common + ["--output_dir", str(tmp_path / "o"), "--tasks", "nope"])
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "results.json").write_text("{}")
