@@ -362,8 +362,9 @@ def load_benchmarks(directories: str) -> list[Subject]:
     for directory in [d.strip() for d in directories.split(",") if d.strip()]:
         for subject in load_benchmark(directory):
             if subject.task in subjects:
-                raise DataError(f"subject {subject.name!r} is also in {subjects[subject.task].test_files[0]}: a subject "
-                                "may come from one benchmark dir only", file=subject.test_files[0])
+                other = subjects[subject.task].test_files[0]
+                raise DataError(f"subject {subject.name!r} is also in {other}: a subject may come from one benchmark "
+                                "dir only", file=subject.test_files[0])
             subjects[subject.task] = subject
     if not subjects:
         raise ConfigError("--benchmark_dir is empty")
@@ -407,13 +408,14 @@ def check_fewshot(subjects: list[Subject], num_fewshot: int) -> None:
 
 
 def _mc_prompt(subject: Subject) -> tuple[str, str]:
-    """(description, doc_to_text) of a lettered multiple-choice subject: CMMLU's prompt in Chinese, MMLU's in English."""
+    """(description, doc_to_text) of a lettered multiple-choice subject: CMMLU's prompt in Chinese, else MMLU's."""
     options = "{% for c in choices %}{{ letters[loop.index0] }}. {{ c }}\n{% endfor %}"
     context = "{% if context %}{{ context }}\n{% endif %}"
     if subject.chinese:
         zh = SUBJECTS_ZH.get(subject.name)
         topic = f"关于{zh}的" if zh else ""
-        return f"以下是{topic}单项选择题，请直接给出正确答案的选项。\n\n", context + "{{ question }}\n" + options + "答案："
+        description = f"以下是{topic}单项选择题，请直接给出正确答案的选项。\n\n"
+        return description, context + "{{ question }}\n" + options + "答案："
     topic = subject.name.replace("_", " ")
     return (f"The following are multiple choice questions (with answers) about {topic}.\n\n",
             context + "{{ question }}\n" + options + "Answer:")
@@ -445,7 +447,7 @@ def task_config(subject: Subject, data_files: dict[str, str]) -> dict:
 
 
 def write_tasks(subjects: list[Subject], output_dir: str) -> dict[str, str]:
-    """Write ``output_dir/data/<task>.<split>.jsonl`` and ``output_dir/tasks/<task>.yaml``; returns task -> yaml path."""
+    """Write ``output_dir/data/<task>.<split>.jsonl`` and ``output_dir/tasks/<task>.yaml``; returns task -> yaml."""
     import yaml
 
     data_dir, task_dir = os.path.join(output_dir, "data"), os.path.join(output_dir, "tasks")

@@ -131,7 +131,8 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 def markdown_table(summary: dict) -> str:
     """subject | n | acc | ± | acc_norm | ± [| contaminated] rows, then the macro and micro averages."""
     contamination = "contaminated" in summary["micro_average"]
-    header = ["subject", "n", "acc", "acc stderr", "acc_norm", "acc_norm stderr"] + (["contaminated"] if contamination else [])
+    header = ["subject", "n", "acc", "acc stderr", "acc_norm", "acc_norm stderr"]
+    header += ["contaminated"] if contamination else []
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
 
     def line(name: str, row: dict) -> str:

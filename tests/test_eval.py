@@ -234,6 +234,26 @@ def test_recorded_chat_format_renders_the_prompt(tmp_path, bench):
     )
 
 
+def test_tokenizer_chat_format_renders_as_lm_eval_does(tiny_chat_model_dir):
+    """With the tokenizer's own template our renderer equals HFLM's (so `lm_eval --apply_chat_template` reproduces)."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medtrain.chat_format import TokenizerChatFormat
+    from medtrain.evaluation import build_lm
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)
+    ours = build_lm(model, tokenizer, 1, TokenizerChatFormat(tokenizer))
+    theirs = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, backend="causal")
+    history = [{"role": "system", "content": "Answer.\n\n"}, {"role": "user", "content": "Q1\nA. x\nAnswer:"},
+               {"role": "assistant", "content": "A"}, {"role": "user", "content": "Q2\nA. y\nAnswer:"}]
+    rendered = ours.apply_chat_template(history)
+    assert rendered == theirs.apply_chat_template(history) == (
+        "<|im_start|>system\nAnswer.\n\n<|im_end|>\n<|im_start|>user\nQ1\nA. x\nAnswer:<|im_end|>\n"
+        "<|im_start|>assistant\nA<|im_end|>\n<|im_start|>user\nQ2\nA. y\nAnswer:<|im_end|>\n<|im_start|>assistant\n")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Contamination
 
@@ -349,7 +369,8 @@ def test_flag_errors(tmp_path, tiny_model_dir, bench):
     import eval_benchmarks
 
     common = ["--model_name_or_path", str(tiny_model_dir), "--benchmark_dir", str(bench)]
-    with pytest.raises(ConfigError, match="--tasks: no subject matches nope; the benchmark dir has anatomy, cardio, pubmedqa"):
+    message = "--tasks: no subject matches nope; the benchmark dir has anatomy, cardio, pubmedqa"
+    with pytest.raises(ConfigError, match=message):
         eval_benchmarks.main(common + ["--output_dir", str(tmp_path / "o"), "--tasks", "nope"])
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "results.json").write_text("{}")
