@@ -84,7 +84,8 @@ def eval_table(pipeline_dir: str) -> str | None:
         rows = [pick(results) for _, results in runs]
         ns = {str(row["n"]) for row in rows if row}
         line = [label, "/".join(sorted(ns))]
-        line += [f"{row['acc']:.3f} ± {row['acc_stderr']:.3f}" if row else "-" for row in rows]
+        line += [f"{row['acc']:.3f} ± " + (f"{row['acc_stderr']:.3f}" if row["acc_stderr"] is not None else "?")
+                 if row else "-" for row in rows]
         if checked:
             line.append("/".join(str((pick(results) or {}).get("contaminated", "-")) for _, results in checked))
         return line

@@ -100,8 +100,9 @@ def markdown(report: dict) -> str:
     for row in report["runs"]:
         for subject, r in list(row["subjects"].items()) + [("micro average", row["micro_average"]),
                                                             ("macro average", row["macro_average"])]:
-            lines.append(f"| {row['run']} | {subject} | {r['n']} | {r['acc']:.4f} | {r['acc_stderr']:.4f} | "
-                         f"{r['acc_norm']:.4f} | {r['acc_norm_stderr']:.4f} |")
+            se, se_norm = (f"{v:.4f}" if v is not None else "-" for v in (r["acc_stderr"], r["acc_norm_stderr"]))
+            lines.append(f"| {row['run']} | {subject} | {r['n']} | {r['acc']:.4f} | {se} | {r['acc_norm']:.4f} | "
+                         f"{se_norm} |")
     lines += ["", "| run | questions | scoring s | questions/s | process s | load before | load after |",
               "|---|---:|---:|---:|---:|---|---|"]
     for row in report["runs"]:

@@ -62,11 +62,11 @@ def run_lm_eval(lm: HFLM, task_dir: str, tasks: list[str], num_fewshot: int, lim
 # Results
 
 
-def _stderr(values: list[float]) -> float:
+def _stderr(values: list[float]) -> float | None:
     """Standard error of the mean with the sample variance (lm-eval's ``mean_stderr``)."""
     n = len(values)
     if n < 2:
-        return float("nan")
+        return None
     mean = sum(values) / n
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
@@ -87,9 +87,9 @@ def summarize(raw: dict, subjects: list[Any], contamination: dict[str, list[str]
             "task": subject.task,
             "n": len(samples),
             "acc": result["acc,none"],
-            "acc_stderr": result["acc_stderr,none"],
+            "acc_stderr": _number(result["acc_stderr,none"]),  # lm-eval: "N/A" for a single question
             "acc_norm": result["acc_norm,none"],
-            "acc_norm_stderr": result["acc_norm_stderr,none"],
+            "acc_norm_stderr": _number(result["acc_norm_stderr,none"]),
         }
         if contamination is not None:
             ids = contamination.get(subject.task, [])
@@ -101,9 +101,9 @@ def summarize(raw: dict, subjects: list[Any], contamination: dict[str, list[str]
     macro = {
         "n": sum(r["n"] for r in rows.values()),
         "acc": sum(r["acc"] for r in rows.values()) / k,
-        "acc_stderr": math.sqrt(sum(_nan0(r["acc_stderr"]) ** 2 for r in rows.values())) / k,
+        "acc_stderr": _combined([r["acc_stderr"] for r in rows.values()]),
         "acc_norm": sum(r["acc_norm"] for r in rows.values()) / k,
-        "acc_norm_stderr": math.sqrt(sum(_nan0(r["acc_norm_stderr"]) ** 2 for r in rows.values())) / k,
+        "acc_norm_stderr": _combined([r["acc_norm_stderr"] for r in rows.values()]),
     }
     micro = {
         "n": len(all_acc),
@@ -118,8 +118,15 @@ def summarize(raw: dict, subjects: list[Any], contamination: dict[str, list[str]
     return {"subjects": rows, "macro_average": macro, "micro_average": micro}
 
 
-def _nan0(value: float) -> float:
-    return 0.0 if value is None or (isinstance(value, float) and math.isnan(value)) else value
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else None
+
+
+def _combined(stderrs: list[float | None]) -> float | None:
+    """Stderr of the mean of k independent subject accuracies: sqrt(sum se^2) / k (None if one is unknown)."""
+    if any(se is None for se in stderrs):
+        return None
+    return math.sqrt(sum(se ** 2 for se in stderrs)) / len(stderrs)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

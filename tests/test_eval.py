@@ -168,6 +168,26 @@ def test_results_layout(eval_run):
     assert "eval/micro_average/acc_norm" in events.Tags()["scalars"]
 
 
+def test_single_question_subject_has_no_stderr():
+    """lm-eval reports stderr "N/A" for one question: results.json says null, the table "-", averages stay numbers."""
+    from types import SimpleNamespace
+
+    from medtrain.evaluation import markdown_table, summarize
+
+    raw = {"results": {"medtrain_a": {"acc,none": 1.0, "acc_stderr,none": "N/A", "acc_norm,none": 1.0,
+                                      "acc_norm_stderr,none": "N/A"},
+                       "medtrain_b": {"acc,none": 0.5, "acc_stderr,none": 0.5, "acc_norm,none": 0.5,
+                                      "acc_norm_stderr,none": 0.5}},
+           "samples": {"medtrain_a": [{"acc": 1.0, "acc_norm": 1.0}],
+                       "medtrain_b": [{"acc": 1.0, "acc_norm": 1.0}, {"acc": 0.0, "acc_norm": 0.0}]}}
+    subjects = [SimpleNamespace(name="a", task="medtrain_a"), SimpleNamespace(name="b", task="medtrain_b")]
+    summary = summarize(raw, subjects, None)
+    assert summary["subjects"]["a"]["acc_stderr"] is None and summary["macro_average"]["acc_stderr"] is None
+    assert summary["micro_average"] == {"n": 3, "acc": pytest.approx(2 / 3), "acc_stderr": pytest.approx(1 / 3),
+                                        "acc_norm": pytest.approx(2 / 3), "acc_norm_stderr": pytest.approx(1 / 3)}
+    assert markdown_table(summary).splitlines()[2] == "| a | 1 | 1.0000 | - | 1.0000 | - |"
+
+
 def test_plain_lm_eval_cli_gives_identical_numbers(eval_run, tiny_model_dir, tmp_path):
     """OUT/reproduce.sh (the plain `lm_eval` CLI on OUT/tasks) scores every question exactly as our script did."""
     command = (eval_run / "reproduce.sh").read_text(encoding="utf-8").splitlines()[-1]
