@@ -53,7 +53,11 @@ class EvalArguments:
                           "published CMMLU/MMLU numbers and lm-eval's own default."},
     )
     template_name: str | None = field(default=None, metadata={"help": "With --chat_template: a template.py template instead of the recorded format."})
-    system_prompt: str | None = field(default=None, metadata={"help": "With --chat_template: the system text (lm-eval puts the task description there)."})
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "With --chat_template: system text placed before the task description in the system message "
+                          "(default: the one recorded at training time)."},
+    )
     log_samples: bool = field(default=False, metadata={"help": "Write OUT/samples.jsonl: every question with the model's choice and log-likelihoods."})
     train_file_dir: str | None = field(
         default=None,
@@ -148,7 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
     lm = evaluation.build_lm(model, tokenizer, args.batch_size, chat_format)
     tasks = [s.task for s in subjects]
     start = time.perf_counter()
-    raw = evaluation.run_lm_eval(lm, task_dir, tasks, args.num_fewshot, args.limit, chat=chat_format is not None)
+    # the system text (--system_prompt, else the one recorded at training time) goes before lm-eval's task description
+    system = chat_format.system_prompt if chat_format is not None else None
+    raw = evaluation.run_lm_eval(lm, task_dir, tasks, args.num_fewshot, args.limit, chat=chat_format is not None,
+                                 system_instruction=system)
     wall = time.perf_counter() - start
 
     # Results
@@ -159,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = evaluation.summarize(raw, subjects, contamination)
     dtype = str(getattr(model, "dtype", "float32")).replace("torch.", "")
     command = evaluation.lm_eval_command(args.model_name_or_path, args.lora_model, task_dir, tasks, args.num_fewshot,
-                                         args.limit, args.batch_size, dtype, chat_format is not None)
+                                         args.limit, args.batch_size, dtype, chat_format is not None, system)
     summary = {
         "model_name_or_path": args.model_name_or_path, "lora_model": args.lora_model,
         "benchmark_dir": args.benchmark_dir, "num_fewshot": args.num_fewshot, "limit": args.limit,
@@ -167,9 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
         "train_file_dir": args.train_file_dir, "lm_eval_version": raw.get("lm_eval_version"), **summary,
         "timing": {"wall_s": round(wall, 2), "questions": summary["micro_average"]["n"],
                    "questions_per_s": round(summary["micro_average"]["n"] / wall, 3) if wall else None},
-        # the plain CLI reproduces the numbers unless prompts came from a medtrain template / custom system text
-        "reproduce": command if chat_format is None or chat_format.name == "tokenizer" and args.system_prompt is None
-        else None,
+        # the plain CLI reproduces the numbers unless a medtrain template rendered the prompts
+        "reproduce": command if chat_format is None or chat_format.name == "tokenizer" else None,
     }
     evaluation.json_dump({k: v for k, v in raw.items() if k != "samples"}, os.path.join(out, "lm_eval_results.json"))
     evaluation.json_dump(summary, os.path.join(out, "results.json"))

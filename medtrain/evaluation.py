@@ -46,8 +46,11 @@ def build_lm(model: Any, tokenizer: Any, batch_size: int, chat_format: Any | Non
 
 
 def run_lm_eval(lm: HFLM, task_dir: str, tasks: list[str], num_fewshot: int, limit: int | None,
-                chat: bool) -> dict:
-    """lm-eval's results dict (with per-question samples) for ``tasks`` read from the YAMLs in ``task_dir``."""
+                chat: bool, system_instruction: str | None = None) -> dict:
+    """lm-eval's results dict (with per-question samples) for ``tasks`` read from the YAMLs in ``task_dir``.
+
+    ``system_instruction`` (chat only) goes before the task description in the system message, lm-eval's own rule.
+    """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -55,6 +58,7 @@ def run_lm_eval(lm: HFLM, task_dir: str, tasks: list[str], num_fewshot: int, lim
     return lm_eval.simple_evaluate(
         model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=True,
         apply_chat_template=chat, fewshot_as_multiturn=chat and num_fewshot > 0,
+        system_instruction=system_instruction if chat else None,
     )
 
 
@@ -205,7 +209,8 @@ def write_samples(rows: dict[str, list[dict]], path: str) -> None:
 
 
 def lm_eval_command(model: str, lora_model: str | None, task_dir: str, tasks: list[str], num_fewshot: int,
-                    limit: int | None, batch_size: int, dtype: str, chat: bool) -> str:
+                    limit: int | None, batch_size: int, dtype: str, chat: bool,
+                    system_instruction: str | None = None) -> str:
     """The plain lm_eval CLI call that reproduces these numbers (chat: only with the tokenizer's own template)."""
     import shlex
 
@@ -216,4 +221,5 @@ def lm_eval_command(model: str, lora_model: str | None, task_dir: str, tasks: li
         parts += ["--limit", str(limit)]
     if chat:
         parts += ["--apply_chat_template"] + (["--fewshot_as_multiturn"] if num_fewshot > 0 else [])
+        parts += ["--system_instruction", system_instruction] if system_instruction else []
     return " ".join(shlex.quote(p) for p in parts)

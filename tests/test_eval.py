@@ -238,17 +238,18 @@ def test_lora_adapter_unmerged_equals_merged_model(tmp_path, tiny_model_dir, ben
 
 
 def test_recorded_chat_format_renders_the_prompt(tmp_path, bench):
-    """--chat_template True renders with the format recorded at training time (here vicuna), k-shot as turns."""
+    """--chat_template True renders with the format recorded at training time (here vicuna and its system text),
+    k-shot as turns; the recorded system text goes before lm-eval's task description in the system slot."""
     model_dir = tmp_path / "model"
     build_model(model_dir, build_tokenizer(model_dir))
     (model_dir / "medtrain_chat_format.json").write_text(
-        json.dumps({"kind": "template", "template_name": "vicuna", "system_prompt": None}), encoding="utf-8")
+        json.dumps({"kind": "template", "template_name": "vicuna", "system_prompt": "Be careful."}), encoding="utf-8")
     results = evaluate(model_dir, bench, tmp_path / "out", "--chat_template", "True",
                        "--num_fewshot", "1", "--tasks", "anatomy", "--log_samples")
-    assert results["chat_format"] == {"kind": "template", "template_name": "vicuna", "system_prompt": None}
+    assert results["chat_format"] == {"kind": "template", "template_name": "vicuna", "system_prompt": "Be careful."}
     assert results["reproduce"] is None  # the plain CLI has no medtrain templates
     assert samples(tmp_path / "out")[0]["prompt"] == (
-        "以下是关于解剖学的单项选择题，请直接给出正确答案的选项。\n\n USER: "  # lm-eval: description = system
+        "Be careful.\n\n以下是关于解剖学的单项选择题，请直接给出正确答案的选项。\n\n USER: "
         "胰岛素由哪个器官分泌\nA. 肝\nB. 胃\nC. 脾\nD. 胰腺\n答案： ASSISTANT: D</s>USER: "
         "发烧时应该多喝什么\nA. 水\nB. 酒\nC. 咖啡\nD. 可乐\n答案： ASSISTANT:"
     )
