@@ -83,9 +83,25 @@ class EvalArguments:
             raise ConfigError(problems)
 
 
+OUTPUTS = ("tasks", "data", "logs", "results.json", "results.md", "lm_eval_results.json", "samples.jsonl",
+           "reproduce.sh")
+
+
 def check_output_dir(args: EvalArguments) -> None:
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite_output_dir:
         raise ConfigError(f"--output_dir {args.output_dir} is not empty: pick a new one or pass --overwrite_output_dir.")
+
+
+def clear_previous_results(output_dir: str) -> None:
+    """With --overwrite_output_dir: drop what an earlier run wrote, so no stale task, sample or log survives."""
+    import shutil
+
+    for name in OUTPUTS:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 def load_model_and_tokenizer(args: EvalArguments) -> tuple[Any, Any]:
@@ -148,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Task configs + normalised data, then lm-eval
     out = os.path.abspath(args.output_dir)
     task_dir = os.path.join(out, "tasks")
+    clear_previous_results(out)
     write_tasks(subjects, out)
     lm = evaluation.build_lm(model, tokenizer, args.batch_size, chat_format)
     tasks = [s.task for s in subjects]
