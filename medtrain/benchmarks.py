@@ -11,8 +11,9 @@ examples for k-shot prompts, every other file holds test questions:
   as ``options`` (a list) or keys ``A``..``E``; ``answer`` a letter (``"B"``) or a 0-based index (``1``); optional
   ``subject`` (default: the file name), ``context`` (text shown before the question) and ``id``.
 - PubMedQA PQA-L (``*.json``, a dict PMID -> ``{"QUESTION", "CONTEXTS", "final_decision"}``). A ground-truth file
-  (dict PMID -> "yes"/"no"/"maybe", e.g. ``pubmedqa_test_ground_truth.json``) beside it selects the test PMIDs;
-  the other PMIDs become the dev pool for k-shot. Without one, every PMID is a test question.
+  (dict PMID -> "yes"/"no"/"maybe", e.g. ``pubmedqa_test_ground_truth.json``) beside it selects the test PMIDs
+  (kept in the PQA-L file's order); the other PMIDs become the dev pool for k-shot. Without one, every PMID is a
+  test question.
 
 Everything is checked before anything is written: the first bad record stops the run with ``file:line: field:``.
 :func:`write_tasks` then writes the normalised questions as JSON Lines and one lm-eval task YAML per subject
@@ -330,7 +331,10 @@ def load_benchmark(directory: str) -> list[Subject]:
             if missing:
                 raise DataError(f"PMID {missing[0]} (and {len(missing) - 1} more) not in {path}", file=truth_path,
                                 line=_line_of(json_files[truth_path][0], json_files[truth_path][0].find(missing[0])))
-            test = [_pubmedqa_question(path, text, pmid, data[pmid], labels[pmid]) for pmid in labels]
+            # PQA-L file order, not the ground-truth file's: the published one is sorted by label (276 yes, then
+            # the no, then the maybe), so --limit N would score N "yes" questions
+            test = [_pubmedqa_question(path, text, pmid, item, labels[pmid]) for pmid, item in data.items()
+                    if pmid in labels]
             dev = [_pubmedqa_question(path, text, pmid, item) for pmid, item in data.items() if pmid not in labels]
             add(name, "pubmedqa", test, path, False)
             if dev:

@@ -119,9 +119,9 @@ def test_choice_loglikelihoods_recomputed_by_hand(eval_run, tiny_model_dir):
 def test_pubmedqa_prompt_and_word_choices(eval_run):
     """lm-eval's PubMedQA prompt; the choices are the words yes/no/maybe; 1-shot from the non-test PMIDs."""
     rows = [r for r in samples(eval_run) if r["subject"] == "pubmedqa"]
-    assert [(r["id"], r["answer"]) for r in rows] == [("104", "yes"), ("102", "no")]
+    assert [(r["id"], r["answer"]) for r in rows] == [("102", "no"), ("104", "yes")]
     assert rows[0]["prompt"] == ("Abstract: Background. Results.\nQuestion: Does drug 101 help?\nAnswer: yes\n\n"
-                                 "Abstract: Background. Results.\nQuestion: Does drug 104 help?\nAnswer:")
+                                 "Abstract: Background. Results.\nQuestion: Does drug 102 help?\nAnswer:")
     assert rows[0]["model_choice"] == ["yes", "no", "maybe"][max(range(3), key=rows[0]["loglikelihoods"].__getitem__)]
 
 
@@ -315,8 +315,9 @@ def test_pubmedqa_layout_with_ground_truth_split(tmp_path):
     (tmp_path / "truth.json").write_text(json.dumps({"104": "yes", "102": "no"}), encoding="utf-8")
     (subject,) = load_benchmark(str(tmp_path))
     assert (subject.name, subject.kind) == ("pubmedqa", "pubmedqa")
-    assert [(q.id, q.answer, q.context) for q in subject.test] == [("104", 0, "Background. Results."),
-                                                                   ("102", 1, "Background. Results.")]
+    # in the PQA-L file's order, not the ground-truth file's (the published one is sorted by label)
+    assert [(q.id, q.answer, q.context) for q in subject.test] == [("102", 1, "Background. Results."),
+                                                                   ("104", 0, "Background. Results.")]
     assert [q.id for q in subject.dev] == ["101", "103"]
     (tmp_path / "truth.json").write_text(json.dumps({"104": "no"}), encoding="utf-8")
     with pytest.raises(DataError, match=r"pqal\.json:\d+: 104\.final_decision: the ground-truth file says 'no'"):
