@@ -17,13 +17,23 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from medtrain import evaluation
 from medtrain.arguments import ModelArguments, parse_args
-from medtrain.errors import ConfigError, run_main
+from medtrain.benchmarks import check_fewshot, load_benchmarks, select_subjects, write_tasks
+from medtrain.chat_format import resolve_chat_format
+from medtrain.contamination import TrainingIndex, check_questions
+from medtrain.entrypoint import run_main
+from medtrain.errors import ConfigError
+from medtrain.merging import check_base_path, detect_model_type, load_adapted_model, load_base, read_adapter
+from medtrain.modeling import load_tokenizer, resolve_dtype
 
 logger = logging.getLogger("medtrain.eval")
 
@@ -94,8 +104,6 @@ def check_output_dir(args: EvalArguments) -> None:
 
 def clear_previous_results(output_dir: str) -> None:
     """With --overwrite_output_dir: drop what an earlier run wrote, so no stale task, sample or log survives."""
-    import shutil
-
     for name in OUTPUTS:
         path = os.path.join(output_dir, name)
         if os.path.isdir(path):
@@ -106,9 +114,6 @@ def clear_previous_results(output_dir: str) -> None:
 
 def load_model_and_tokenizer(args: EvalArguments) -> tuple[Any, Any]:
     """The model (a PeftModel when --lora_model: the adapter stays unmerged) and its tokenizer."""
-    from medtrain.merging import check_base_path, detect_model_type, load_adapted_model, load_base, read_adapter
-    from medtrain.modeling import load_tokenizer, resolve_dtype
-
     check_base_path(args.model_name_or_path)
     adapter = read_adapter(args.lora_model) if args.lora_model else None
     tokenizer_dir = args.tokenizer_name_or_path or (
@@ -127,8 +132,6 @@ def load_model_and_tokenizer(args: EvalArguments) -> tuple[Any, Any]:
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise ConfigError(f"the tokenizer ({tokenizer_dir}) has {len(tokenizer)} tokens but the model only "
                           f"{model.get_input_embeddings().weight.shape[0]} embedding rows: pass its own tokenizer.")
-    import torch
-
     if torch.cuda.is_available():
         model = model.to("cuda")
     return model.eval(), tokenizer
@@ -138,10 +141,6 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_args([EvalArguments], argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO, force=True)
-    from medtrain.benchmarks import check_fewshot, load_benchmarks, select_subjects, write_tasks
-    from medtrain.contamination import TrainingIndex, check_questions
-    from medtrain import evaluation
-
     # Check everything (flags, output dir, benchmark files, training files, model) before writing anything
     check_output_dir(args)
     subjects = select_subjects(load_benchmarks(args.benchmark_dir), args.tasks)
@@ -152,8 +151,6 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_model_and_tokenizer(args)
     chat_format = None
     if args.chat_template:
-        from medtrain.chat_format import resolve_chat_format
-
         dirs = [d for d in (args.lora_model, args.model_name_or_path) if d]
         chat_format = resolve_chat_format(tokenizer, dirs, args.template_name, args.system_prompt)
         logger.info("chat format: %s", chat_format.record())

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError, DataError
-from .formats import Record, iter_json_records, read_text
+from .formats import _DECODER, Record, iter_json_records, read_text  # _DECODER: duplicated keys are an error
 
 LETTERS = "ABCDE"
 PUBMEDQA_LABELS = ["yes", "no", "maybe"]
@@ -229,8 +229,6 @@ def _pubmedqa_question(path: str, text: str, pmid: str, item: Any, label: str | 
 
 
 def _load_json_object(path: str) -> tuple[str, Any]:
-    from .formats import _DECODER
-
     text = read_text(path)
     if not text.strip():
         raise DataError("file is empty", file=path)

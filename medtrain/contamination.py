@@ -26,6 +26,7 @@ import unicodedata
 from typing import Iterable, Iterator
 
 from .errors import DataError
+from .formats import iter_json_records, read_text
 
 N = 13
 TRAIN_EXTENSIONS = (".json", ".jsonl", ".txt")
@@ -80,8 +81,6 @@ def training_files(paths: Iterable[str]) -> list[str]:
 
 def training_texts(files: list[str]) -> Iterator[str]:
     """Every text of the training files (JSON strings, text lines); an unreadable JSON file is an error."""
-    from .formats import iter_json_records, read_text
-
     for path in files:
         if path.endswith(".txt"):
             yield from read_text(path).splitlines()
