@@ -104,3 +104,7 @@ def test_sft_run_from_the_example_equals_the_run_from_flags(tiny_chat_model_dir,
         runs[name] = [e["loss"] for e in state["log_history"] if "loss" in e]
     assert len(runs["yaml"]) == 3
     assert runs["yaml"] == runs["flags"]
+    # every stage ends by drawing its curves (medtrain.plotting): a PNG that decodes
+    from matplotlib.image import imread
+
+    assert imread(tmp_path / "yaml" / "training_curves.png").shape[0] > 100
