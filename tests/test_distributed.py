@@ -149,7 +149,7 @@ if __name__ == "__main__":
 import pytest
 import torch
 
-from conftest import build_model, build_tokenizer, run_script
+from conftest import build_model, build_tokenizer, run_script, write_jsonl
 from transformers import AutoModelForCausalLM
 
 QA = [
@@ -175,12 +175,6 @@ TEXT = [
 REJECTED = ["Ignore it.", "Eat more salt.", "Never check.", "不用管。", "More salt.", "Never.", "多吃盐。", "Low sugar."]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path.parent
-
-
 def write_data(stage: str, directory: Path) -> Path:
     """Eight distinct training rows for ``stage`` (so two ranks get four each, none shared)."""
     if stage == "pt":
@@ -189,9 +183,9 @@ def write_data(stage: str, directory: Path) -> Path:
         return directory
     if stage == "sft":
         return write_jsonl(directory / "train.jsonl", [
-            {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in QA])
+            {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in QA]).parent
     return write_jsonl(directory / "pairs.jsonl", [
-        {"question": q, "response_chosen": a, "response_rejected": r} for (q, a), r in zip(QA, REJECTED)])
+        {"question": q, "response_chosen": a, "response_rejected": r} for (q, a), r in zip(QA, REJECTED)]).parent
 
 
 def stage_args(stage: str, model_dir, data, out, *extra) -> list[str]:
