@@ -604,11 +604,11 @@ def test_deepspeed_values_that_contradict_flags_are_refused_before_loading(tmp_p
 
 def test_cpu_refuses_gpu_only_precision_and_backends(tmp_path, monkeypatch):
     assert _check(tmp_path, monkeypatch, fp16=True, ddp_backend="nccl",
-                  model={"flash_attn": True, "torch_dtype": "float16"}) == [
+                  model={"attn_implementation": "flash_attention_2", "torch_dtype": "float16"}) == [
         "--ddp_backend nccl needs CUDA GPUs; on CPU the backend is gloo (leave --ddp_backend unset).",
         "--fp16 needs a CUDA GPU; on CPU use float32 (default) or --bf16.",
         "--torch_dtype float16 is not supported for training on CPU: use float32 or bfloat16.",
-        "--flash_attn needs a CUDA GPU; on CPU leave it off (sdpa is used).",
+        "--attn_implementation flash_attention_2 needs a CUDA GPU; on CPU leave it unset (sdpa is used).",
     ]
     assert _check(tmp_path, monkeypatch, bf16=True) == []  # bf16 autocast works on CPU (use_cpu)
     assert _check(tmp_path, monkeypatch, use_cpu=False) == [
