@@ -1,5 +1,7 @@
 """Print the key metric of every pipeline stage and the models' answers to held-out questions, side by side.
 
+Also draws every stage's training curves in one picture, pipeline_dir/pipeline_curves.png (path printed).
+
     python pipeline_summary.py --pipeline_dir outputs-pipeline --base_model models/SmolLM2-135M-Instruct
 """
 
@@ -12,6 +14,9 @@ import os
 
 from medtrain.entrypoint import run_main
 from medtrain.errors import UserError
+from medtrain.plotting import PIPELINE_FILE, plot_pipeline, read_log_history
+
+STAGES = ("pt", "sft", "rm", "ppo", "dpo")  # pipeline order; a stage directory that is absent is left out
 
 
 def _json(path: str) -> dict:
@@ -104,6 +109,30 @@ def eval_table(pipeline_dir: str) -> str | None:
     return "\n".join(lines)
 
 
+def eval_rows(pipeline_dir: str) -> list[tuple[str, str]]:
+    """One ``(model, text)`` row per evaluated model for the figure's table: micro-averaged accuracy ± stderr."""
+    rows = []
+    for name, key in EVAL_RUNS:
+        results = _json(os.path.join(pipeline_dir, "eval", key, "results.json"))
+        if results:
+            micro = results["micro_average"]
+            stderr = "?" if micro.get("acc_stderr") is None else f"{micro['acc_stderr']:.3f}"
+            rows.append((f"eval {name}", f"benchmark acc {micro['acc']:.3f} ± {stderr} over {micro['n']} questions"))
+    return rows
+
+
+def write_figure(pipeline_dir: str, table_rows: list[tuple[str, str]]) -> str | None:
+    """``pipeline_dir/pipeline_curves.png``: every stage's training curves (a row per stage) above a table.
+
+    ``table_rows`` are ``(stage, text)`` rows: the key metric per stage; an evaluation table's rows (one per model
+    and benchmark) are appended to the same list by the caller, so the picture holds whatever the summary prints.
+    """
+    stages = {name.upper(): read_log_history(os.path.join(pipeline_dir, name)) for name in STAGES}
+    path = plot_pipeline(stages, os.path.join(pipeline_dir, PIPELINE_FILE),
+                         table=(("stage", "key metric"), table_rows) if table_rows else None)
+    return None if path is None else str(path)
+
+
 def answers(model_dir: str, questions: list[list[dict]], max_new_tokens: int) -> list[str]:
     # local: torch/transformers load only when answers are asked for; the summary tables need none of them
     from inference import generate_responses
@@ -133,13 +162,18 @@ def main() -> None:
         raise UserError(f"--pipeline_dir {args.pipeline_dir}: no such directory")
 
     print("\n" + "=" * 100 + "\nPIPELINE SUMMARY: key metric per stage\n" + "=" * 100)
-    for stage, text in stage_metrics(args.pipeline_dir):
+    rows = stage_metrics(args.pipeline_dir)
+    for stage, text in rows:
         print(f"{stage:>4}  {text}")
 
     table = eval_table(args.pipeline_dir)
     if table:
         print("\n" + "=" * 100 + "\nBENCHMARK ACCURACY (eval_benchmarks.py, lm-eval)\n" + "=" * 100)
         print(table)
+    # the figure holds what the summary prints: every stage's curves, the key metrics and the benchmark averages
+    figure = write_figure(args.pipeline_dir, rows + eval_rows(args.pipeline_dir))
+    if figure:
+        print(f"\ntraining curves of every stage: {figure}")
 
     from medtrain.formats import load_prompts
 

@@ -37,6 +37,7 @@ from medtrain.entrypoint import run_main
 from medtrain.errors import ConfigError, DataError
 from medtrain.formats import load_prompts
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
+from medtrain.plotting import save_training_curves
 from medtrain.ppo import PPOArguments, PPOTrainer
 from medtrain.resilience import resilience_callbacks
 from medtrain.reward import load_reward_model, load_reward_scorer
@@ -172,6 +173,8 @@ def main(args: list[str] | None = None):
         save_chat_format(chat_format, training_args.output_dir)
         final = history[-1] if isinstance(history, list) and history else (history or {})
         write_results(training_args.output_dir, "train", {k: v for k, v in final.items() if isinstance(v, (int, float))})
+        # output_dir/training_curves.png: our PPO's score, KL and losses; RLOO/GRPO's reward and KL
+        save_training_curves(training_args.output_dir, trainer.state.log_history, title=rl_args.rl_algo.upper())
     return trainer
 
 

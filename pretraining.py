@@ -24,6 +24,7 @@ from medtrain.arguments import LoraArguments, ModelArguments, RunArguments, fina
 from medtrain.entrypoint import run_main
 from medtrain.errors import UserError
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
+from medtrain.plotting import save_training_curves
 from medtrain.pretrain_data import (
     PretrainCollator,
     PretrainDataArguments,
@@ -159,6 +160,8 @@ def main(args: list[str] | None = None) -> Trainer:
         if trainer.is_world_process_zero():
             trainer.save_metrics("eval", metrics)
             write_results(training_args.output_dir, "eval", metrics)
+    if trainer.is_world_process_zero():  # output_dir/training_curves.png, train and eval series
+        save_training_curves(training_args.output_dir, trainer.state.log_history, title="PT")
     return trainer
 
 

@@ -24,6 +24,7 @@ from medtrain.data import load_splits
 from medtrain.entrypoint import run_main
 from medtrain.formats import find_data_files, load_preferences
 from medtrain.modeling import apply_lora, load_tokenizer
+from medtrain.plotting import save_training_curves
 from medtrain.preference import encode_pairs
 from medtrain.resilience import resilience_callbacks
 from medtrain.reward import (
@@ -125,6 +126,8 @@ def main(args: list[str] | None = None) -> RewardModelTrainer:
                 trainer.log_metrics("predict", metrics)
                 trainer.save_metrics("predict", metrics)
                 write_results(training_args.output_dir, "predict", metrics)
+    if trainer.is_world_process_zero():  # output_dir/training_curves.png, train and eval series
+        save_training_curves(training_args.output_dir, trainer.state.log_history, title="RM")
     return trainer
 
 

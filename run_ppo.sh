@@ -4,35 +4,25 @@
 #   MODEL=outputs-sft-merged REWARD_MODEL=outputs-rm OUTPUT_DIR=outputs-ppo bash run_ppo.sh --max_steps 100
 #   bash run_ppo.sh --deepspeed deepspeed_zero_stage2_config.json      # PPO supports ZeRO-2 (not ZeRO-3)
 #   NPROC_PER_NODE=8 NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash run_ppo.sh   # on each node, NODE_RANK 0/1
-# Extra arguments are passed to ppo_training.py and override the defaults below.
+# Settings: examples/ppo.yaml (the one place for this launcher's defaults); env vars and extra arguments are
+# passed after it as flags and override it.
 set -euo pipefail
 cd "$(dirname "$0")"
-MODEL=${MODEL:-models/SmolLM2-135M-Instruct}
-REWARD_MODEL=${REWARD_MODEL:-outputs-rm}
-DATA=${DATA:-data/sft}
-OUTPUT_DIR=${OUTPUT_DIR:-outputs-ppo}
-if [ "$MODEL" = "models/SmolLM2-135M-Instruct" ] && [ ! -f "$MODEL/config.json" ]; then
-  python prepare_model.py --output_dir "$MODEL"
+# env vars given -> flags after the YAML (unset ones leave the YAML/script default in force)
+flags=()
+if [ -n "${MODEL:-}" ]; then flags+=(--model_name_or_path "$MODEL"); fi
+if [ -n "${DATA:-}" ]; then flags+=(--train_file_dir "$DATA"); fi
+if [ -n "${OUTPUT_DIR:-}" ]; then flags+=(--output_dir "$OUTPUT_DIR"); fi
+if [ -n "${REWARD_MODEL:-}" ]; then flags+=(--reward_model_name_or_path "$REWARD_MODEL"); fi
+if [ -n "${MAX_STEPS:-}" ]; then flags+=(--max_steps "$MAX_STEPS"); fi
+if [ "${MODEL:-models/SmolLM2-135M-Instruct}" = "models/SmolLM2-135M-Instruct" ] \
+   && [ ! -f models/SmolLM2-135M-Instruct/config.json ]; then  # the default model of examples/ppo.yaml
+  python prepare_model.py --output_dir models/SmolLM2-135M-Instruct
 fi
-if [ ! -d "$REWARD_MODEL" ]; then
-  echo "error: reward model $REWARD_MODEL not found: train one first with 'bash run_rm.sh' (or set REWARD_MODEL)" >&2
+if [ ! -d "${REWARD_MODEL:-outputs-rm}" ]; then  # outputs-rm: examples/ppo.yaml's reward model
+  echo "error: reward model ${REWARD_MODEL:-outputs-rm} not found: train one first with 'bash run_rm.sh' (or set REWARD_MODEL)" >&2
   exit 2
 fi
 exec torchrun --nproc_per_node "${NPROC_PER_NODE:-1}" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
-  ppo_training.py \
-  --model_name_or_path "$MODEL" \
-  --reward_model_name_or_path "$REWARD_MODEL" \
-  --train_file_dir "$DATA" \
-  --output_dir "$OUTPUT_DIR" \
-  --max_prompt_length 256 \
-  --rollout_batch_size 8 --num_mini_batches 2 --num_ppo_epochs 2 \
-  --max_new_tokens 48 --temperature 0.7 \
-  --kl_coef 0.05 \
-  --max_steps ${MAX_STEPS:-10} \
-  --learning_rate 1e-5 \
-  --lora_rank 8 --lora_alpha 16 --lora_dropout 0.0 \
-  --logging_steps 1 \
-  --save_strategy steps --save_steps 5 \
-  --seed 42 \
-  "$@"
+  ppo_training.py examples/ppo.yaml "${flags[@]}" "$@"

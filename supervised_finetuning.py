@@ -22,6 +22,7 @@ from medtrain.entrypoint import run_main
 from medtrain.formats import load_conversations
 from medtrain.fused_loss import EfficientSFTTrainer
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
+from medtrain.plotting import save_training_curves
 from medtrain.resilience import resilience_callbacks
 from medtrain.rope import save_rope_record
 from medtrain.runtime import perplexity, start_run, write_results
@@ -99,6 +100,8 @@ def main(args: list[str] | None = None) -> SFTTrainer:
         if trainer.is_world_process_zero():
             trainer.save_metrics("eval", metrics)
             write_results(training_args.output_dir, "eval", metrics)
+    if trainer.is_world_process_zero():  # output_dir/training_curves.png, train and eval series
+        save_training_curves(training_args.output_dir, trainer.state.log_history, title="SFT")
     return trainer
 
 

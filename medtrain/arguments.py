@@ -54,13 +54,10 @@ class ModelArguments:
         default=False,
         metadata={"help": "QLoRA quantization: NF4 with double quantization. Requires --load_in_4bit."},
     )
-    flash_attn: bool = field(
-        default=False,
-        metadata={"help": "Use FlashAttention-2 (needs a CUDA device and the flash-attn package)."},
-    )
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "Attention kernel; default sdpa.", "choices": [None, "eager", "sdpa", "flash_attention_2", "flex_attention"]},
+        metadata={"help": "Attention kernel; default sdpa. flash_attention_2 needs a CUDA device and the flash-attn "
+                          "package.", "choices": [None, "eager", "sdpa", "flash_attention_2", "flex_attention"]},
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models."})
     rope_scaling: str | None = field(
@@ -94,20 +91,15 @@ class ModelArguments:
             problems.append(f"--rope_scaling_factor must be >= 1, got {self.rope_scaling_factor}.")
         if not 0.0 < self.shift_attn_ratio <= 1.0:
             problems.append(f"--shift_attn_ratio must be in (0, 1], got {self.shift_attn_ratio}.")
-        if self.shift_attn and (self.flash_attn or self.attn_implementation not in (None, "sdpa", "eager")):
-            problems.append("--shift_attn runs its own grouped attention on sdpa: drop --flash_attn/--attn_implementation.")
+        if self.shift_attn and self.attn_implementation not in (None, "sdpa", "eager"):
+            problems.append("--shift_attn runs its own grouped attention on sdpa: drop --attn_implementation "
+                            f"{self.attn_implementation}.")
         if self.load_in_4bit and self.load_in_8bit:
             problems.append("--load_in_4bit and --load_in_8bit are mutually exclusive: pick one.")
         if self.qlora and not self.load_in_4bit:
             problems.append("--qlora needs --load_in_4bit (QLoRA is NF4 4-bit quantization): add --load_in_4bit.")
-        if self.flash_attn and self.attn_implementation not in (None, "flash_attention_2"):
-            problems.append(
-                f"--flash_attn conflicts with --attn_implementation {self.attn_implementation}: pass only one."
-            )
         if problems:
             raise ConfigError(problems)
-        if self.flash_attn:
-            self.attn_implementation = "flash_attention_2"
 
     @property
     def quantized(self) -> bool:
@@ -251,14 +243,19 @@ class RunArguments:
     )
 
 
-# Spellings that were removed in favour of one flag: the old one is an error naming the new one.
-RENAMED_FLAGS = {"neft_alpha": "neftune_noise_alpha"}
+# Spellings that were removed in favour of one flag: the old one is an error naming the new one
+# (docs/configuration.md, "One spelling per flag").
+RENAMED_FLAGS = {
+    "neft_alpha": "--neftune_noise_alpha",  # TRL's/transformers' spelling
+    "flash_attn": "--attn_implementation flash_attention_2",  # transformers' spelling, one flag for every kernel
+    "dataset_num_proc": "--preprocessing_num_workers",  # one flag in every stage (PT has no TRL config)
+}
 
 
 def _refuse_renamed(names: list[str], where: str) -> None:
     old = [name for name in names if name in RENAMED_FLAGS]
     if old:
-        raise ConfigError([f"{where}--{name} was removed: use --{RENAMED_FLAGS[name]} (same meaning)." for name in old])
+        raise ConfigError([f"{where}--{name} was removed: use {RENAMED_FLAGS[name]} (same meaning)." for name in old])
 
 
 def _cuda_available() -> bool:
@@ -391,7 +388,8 @@ def finalize(model_args: ModelArguments, lora_args: LoraArguments, data_args: An
 
     - length: the trainer's ``max_length`` is ``--model_max_length`` (one length for tokenisation, the model's RoPE
       factor and the trainer). ``--max_length`` given with another value is an error, in every stage.
-    - worker processes: TRL's ``dataset_num_proc`` is ``--preprocessing_num_workers``.
+    - worker processes: TRL's ``dataset_num_proc`` is ``--preprocessing_num_workers`` (``--dataset_num_proc`` itself
+      is refused by :func:`parse_args`: one spelling).
     - NEFTune (``--neftune_noise_alpha``, TRL's spelling) and packing/padding-free are checked here and applied by
       the batch plan once the model is loaded (whether packing is exact depends on the model's attention).
     - precision and launch: :func:`check_arguments` (CPU defaults are set by :func:`parse_args`).

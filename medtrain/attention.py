@@ -137,7 +137,7 @@ def enable_shift_attn(model: Any, ratio: float) -> int:
         raise ConfigError(f"--shift_attn supports {', '.join(S2_MODEL_TYPES)} models; this one is {model_type!r}.")
     current = getattr(model.config, "_attn_implementation", None)
     if current not in ("sdpa", "eager", S2_ATTENTION):
-        raise ConfigError(f"--shift_attn runs on sdpa; drop --attn_implementation {current} / --flash_attn.")
+        raise ConfigError(f"--shift_attn runs on sdpa; drop --attn_implementation {current}.")
     model.set_attn_implementation(register_s2_attention())
     count = 0
     for module in model.modules():

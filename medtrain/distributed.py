@@ -329,14 +329,16 @@ def distributed_problems(model_args: Any, lora_args: Any, training_args: Any, cu
             problems.append("--torch_dtype float16 is not supported for training on CPU: use float32 or bfloat16.")
     if model_args.attn_implementation == "flash_attention_2":
         if not cuda or use_cpu:
-            problems.append("--flash_attn needs a CUDA GPU; on CPU leave it off (sdpa is used).")
+            problems.append("--attn_implementation flash_attention_2 needs a CUDA GPU; on CPU leave it unset (sdpa is used).")
         else:
             import importlib.util
 
             if importlib.util.find_spec("flash_attn") is None:
-                problems.append("--flash_attn needs the flash-attn package: pip install flash-attn --no-build-isolation.")
+                problems.append("--attn_implementation flash_attention_2 needs the flash-attn package: pip install "
+                                "flash-attn --no-build-isolation.")
             if model_args.torch_dtype == "float32":
-                problems.append("--flash_attn runs in float16/bfloat16 only: drop --torch_dtype float32.")
+                problems.append("--attn_implementation flash_attention_2 runs in float16/bfloat16 only: drop --torch_dtype "
+                                "float32.")
     return problems
 
 

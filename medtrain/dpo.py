@@ -154,9 +154,9 @@ def check_dpo_arguments(
             f"--truncation_mode {t.truncation_mode} has no effect: every pair already fits --model_max_length. "
             "Use --truncation left|reply|drop to choose how over-long pairs are fitted."
         )
-    if t.dataset_num_proc is not None or (data_args.preprocessing_num_workers or 0) > 1:
+    if (data_args.preprocessing_num_workers or 0) > 1:
         problems.append(
-            "--dataset_num_proc / --preprocessing_num_workers are not used by DPO: pairs are encoded in-process "
+            "--preprocessing_num_workers is not used by DPO: pairs are encoded in-process "
             "(tokenization only, fast). Remove the flag."
         )
     if t.padding_free:

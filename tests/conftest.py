@@ -5,6 +5,7 @@ Nothing here needs the Hub or ../shared; tests that use ../shared skip with a re
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -93,6 +94,25 @@ def tiny_chat_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama whose tokenizer has a ChatML chat template and eos <|im_end|>."""
     path = tmp_path_factory.mktemp("tiny-llama-chat")
     build_model(path, build_tokenizer(path, chat_template=CHATML_TEMPLATE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread: thread hand-offs dominate at this size, and two threads on a shared
+    2-core machine thrash (5x slower). Opt in per module: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """``rows`` as JSON Lines (UTF-8, non-ASCII kept) at ``path``, parent directories created; returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
 
 

@@ -302,3 +302,32 @@ def test_trl_private_members_the_trainers_use_still_exist():
     assert "self._tp_size" in inspect.getsource(RewardTrainer.__init__)
     # PretokenizedDPOTrainer._save removes PEFT's frozen "ref" adapter dir after transformers writes the model
     assert list(inspect.signature(Trainer._save).parameters) == ["self", "output_dir", "state_dict"]
+
+
+@pytest.mark.parametrize("old, value, replacement", [
+    ("flash_attn", "True", "--attn_implementation flash_attention_2"),
+    ("dataset_num_proc", "2", "--preprocessing_num_workers"),
+])
+def test_removed_duplicate_flags_name_their_replacement(tmp_path, old, value, replacement):
+    from trl import SFTConfig
+
+    types = [ModelArguments, DataArguments, SFTConfig]
+    with pytest.raises(ConfigError) as err:
+        parse_args(types, ["--train_file_dir", "d", f"--{old}", value])
+    assert err.value.problems == [f"--{old} was removed: use {replacement} (same meaning)."]
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"train_file_dir: d\n{old}: {value}\n")
+    with pytest.raises(ConfigError, match=f"sft.yaml: --{old} was removed: use {replacement}"):
+        parse_args(types, [str(config)])
+
+
+def test_the_kept_spellings_reach_the_model_and_the_trainer():
+    from trl import SFTConfig
+
+    model_args, lora_args, data_args, sft = parse_args(
+        [ModelArguments, LoraArguments, DataArguments, SFTConfig],
+        ["--train_file_dir", "d", "--attn_implementation", "eager", "--preprocessing_num_workers", "3",
+         "--report_to", "none"])
+    assert model_args.attn_implementation == "eager" and not hasattr(model_args, "flash_attn")
+    finalize(model_args, lora_args, data_args, sft)
+    assert data_args.preprocessing_num_workers == 3 and sft.dataset_num_proc == 3  # TRL's field, derived once

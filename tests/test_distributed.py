@@ -149,7 +149,7 @@ if __name__ == "__main__":
 import pytest
 import torch
 
-from conftest import build_model, build_tokenizer, run_script
+from conftest import build_model, build_tokenizer, run_script, write_jsonl
 from transformers import AutoModelForCausalLM
 
 QA = [
@@ -175,12 +175,6 @@ TEXT = [
 REJECTED = ["Ignore it.", "Eat more salt.", "Never check.", "不用管。", "More salt.", "Never.", "多吃盐。", "Low sugar."]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path.parent
-
-
 def write_data(stage: str, directory: Path) -> Path:
     """Eight distinct training rows for ``stage`` (so two ranks get four each, none shared)."""
     if stage == "pt":
@@ -189,9 +183,9 @@ def write_data(stage: str, directory: Path) -> Path:
         return directory
     if stage == "sft":
         return write_jsonl(directory / "train.jsonl", [
-            {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in QA])
+            {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in QA]).parent
     return write_jsonl(directory / "pairs.jsonl", [
-        {"question": q, "response_chosen": a, "response_rejected": r} for (q, a), r in zip(QA, REJECTED)])
+        {"question": q, "response_chosen": a, "response_rejected": r} for (q, a), r in zip(QA, REJECTED)]).parent
 
 
 def stage_args(stage: str, model_dir, data, out, *extra) -> list[str]:
@@ -610,11 +604,11 @@ def test_deepspeed_values_that_contradict_flags_are_refused_before_loading(tmp_p
 
 def test_cpu_refuses_gpu_only_precision_and_backends(tmp_path, monkeypatch):
     assert _check(tmp_path, monkeypatch, fp16=True, ddp_backend="nccl",
-                  model={"flash_attn": True, "torch_dtype": "float16"}) == [
+                  model={"attn_implementation": "flash_attention_2", "torch_dtype": "float16"}) == [
         "--ddp_backend nccl needs CUDA GPUs; on CPU the backend is gloo (leave --ddp_backend unset).",
         "--fp16 needs a CUDA GPU; on CPU use float32 (default) or --bf16.",
         "--torch_dtype float16 is not supported for training on CPU: use float32 or bfloat16.",
-        "--flash_attn needs a CUDA GPU; on CPU leave it off (sdpa is used).",
+        "--attn_implementation flash_attention_2 needs a CUDA GPU; on CPU leave it unset (sdpa is used).",
     ]
     assert _check(tmp_path, monkeypatch, bf16=True) == []  # bf16 autocast works on CPU (use_cpu)
     assert _check(tmp_path, monkeypatch, use_cpu=False) == [

@@ -14,26 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, build_model, build_tokenizer, requires_shared, run_script, shared_path
+from conftest import (ROOT, build_model, build_tokenizer, requires_shared, run_script, shared_path,
+                      write_jsonl)
 from medtrain.chat_format import get_chat_format
 from medtrain.dpo import LOSS_TYPES, encode_preference_dataset
 from medtrain.entrypoint import run_main
 from medtrain.errors import ConfigError, DataError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared 2-core machine thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run_dpo(*args: str):

@@ -365,10 +365,12 @@ def test_sft_rope_scaling_is_saved_and_reloaded(tiny_model_dir, tmp_path):
 def test_flash_attn_and_shift_attn_refused_with_clear_messages(tiny_model_dir):
     from medtrain.arguments import LoraArguments, ModelArguments, check_arguments
 
-    with pytest.raises(ConfigError, match="--flash_attn needs a CUDA GPU; on CPU leave it off"):
-        check_arguments(ModelArguments(model_name_or_path="m", flash_attn=True), LoraArguments(), object())
-    with pytest.raises(ConfigError, match="--shift_attn runs its own grouped attention on sdpa"):
-        ModelArguments(model_name_or_path="m", flash_attn=True, shift_attn=True)
+    flash = {"model_name_or_path": "m", "attn_implementation": "flash_attention_2"}
+    with pytest.raises(ConfigError, match="--attn_implementation flash_attention_2 needs a CUDA GPU; on CPU leave it"):
+        check_arguments(ModelArguments(**flash), LoraArguments(), object())
+    with pytest.raises(ConfigError, match="--shift_attn runs its own grouped attention on sdpa: drop "
+                                          "--attn_implementation flash_attention_2"):
+        ModelArguments(**flash, shift_attn=True)
 
 
 # --- SFT end to end: packing default, token metrics, MoE ---------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import write_jsonl
 from medtrain.errors import DataError
 from medtrain.formats import LoadReport, find_data_files, load_conversations, load_preferences, load_prompts
 
@@ -16,11 +17,6 @@ EXPECTED = [
     {"role": "user", "content": "And if it lasts?"},
     {"role": "assistant", "content": "See a doctor after three days."},
 ]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
 
 
 def sharegpt():

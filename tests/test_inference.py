@@ -25,14 +25,7 @@ HELDOUT = ROOT / "data" / "prompts" / "heldout_questions.jsonl"
 SYSTEM = "You are a doctor."
 U1, A1, U2, A2 = "I have a fever.", "Rest and drink water.", "For how long?", "Three days."
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared 2-core machine thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def load(model_dir: Path):

@@ -23,14 +23,7 @@ import merge_peft_adapter
 ATOL = MERGE_ATOL
 NEW_TOKENS = ["<symptom>", "<dose>"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared 2-core machine thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def load_tokenizer(path):

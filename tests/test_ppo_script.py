@@ -42,6 +42,10 @@ def test_ppo_runs_logs_and_saves(rl_setup, tmp_path):
     assert len(logged) == 2 and all("objective/kl" in e and "loss/value" in e for e in logged)
     assert (out / "adapter_model.safetensors").is_file() and (out / "medtrain_chat_format.json").is_file()
     assert "objective/kl" in (out / "train_results.txt").read_text()
+    # the stage's curves (medtrain.plotting): score, KL and losses per update, a PNG that decodes
+    from matplotlib.image import imread
+
+    assert imread(out / "training_curves.png").shape[0] > 100
 
 
 @pytest.mark.parametrize("algo, extra", [("rloo", ["--num_generations", "2"]), ("grpo", ["--num_generations", "2"])])

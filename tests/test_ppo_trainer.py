@@ -16,14 +16,7 @@ from medtrain.ppo.trainer import PolicyAndValue, left_pad, response_logits, toke
 VOCAB, PAD, EOS, TARGET = 32, 0, 1, 5
 CHANCE = 1 / VOCAB  # expected share of TARGET tokens from a near-uniform random model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run the tiny models on one thread: thread hand-offs dominate at this size (5x slower on busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_tokenizer():

@@ -159,7 +159,7 @@ def test_torchrun_two_processes_is_really_distributed(tiny_model_dir, tmp_path):
     [
         (["--template_name", "nope"], "unknown conversation template 'nope'; choose one of: alpaca,"),
         (["--qlora"], "--qlora needs --load_in_4bit"),
-        (["--flash_attn"], "--flash_attn needs a CUDA GPU"),
+        (["--attn_implementation", "flash_attention_2"], "--attn_implementation flash_attention_2 needs a CUDA GPU"),
         (["--fp16"], "--fp16 needs a CUDA GPU"),
         (["--no_such_flag", "1"], "unknown flag(s) --no_such_flag"),
         (["--train_file_dir", "BADDATA"], "bad.jsonl:2: conversations[1].from: unknown role 'doctor'"),
