@@ -416,7 +416,10 @@ def test_bad_record_names_file_line_and_field(tiny_chat_model_dir, tmp_path, cap
     with pytest.raises(SystemExit) as exit_info:
         run_main(lambda: run_dpo(*args))
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == f"error: {path}:2: rejected: missing 'rejected'\n"
+    err = capsys.readouterr().err
+    # the record's location leads; the rest says why the run stopped (1 bad of 2 is a format problem) and the flags
+    assert err.splitlines()[0] == f"error: {path}:2: rejected: missing 'rejected'"
+    assert "--max_invalid_fraction" in err and "--skip_invalid_samples" in err
 
 
 # ----------------------------------------------------------------------------------------------------------------
