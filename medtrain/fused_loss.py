@@ -152,13 +152,14 @@ def fused_loss_problem(model: Any, args: Any) -> str | None:
 class EfficientSFTTrainer(SFTTrainer):
     """SFTTrainer with the fused supervised-positions loss (same loss, metrics entropy/mean_token_accuracy/num_tokens).
 
-    Falls back to TRL's loss when :func:`fused_loss_problem` names a reason or when outputs are requested.
+    Falls back to TRL's loss when :func:`fused_loss_problem` names a reason, when outputs are requested or with
+    ``fused_loss=False`` (CUDA runs by default, see :mod:`medtrain.hardware`).
     Batches may carry ``num_real_tokens`` (from :class:`medtrain.efficiency.PackedRowsCollator`) for the token count.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fused_loss: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        problem = fused_loss_problem(self.model, self.args)
+        problem = fused_loss_problem(self.model, self.args) if fused_loss else "our CPU paths are off (--cpu_paths)"
         self._fused = problem is None
         self._hidden: torch.Tensor | None = None
         if problem:

@@ -120,10 +120,10 @@ def choose_precision(torch_dtype: str, bf16: bool, fp16: bool, flags_given: bool
 PRECISION_FLAGS = ("torch_dtype", "bf16", "fp16")
 
 
-def precision_flags_given(args: list[str], file_args: dict[str, Any] | None = None) -> bool:
-    """Whether ``args`` (command-line flags) or an arguments file name a precision flag."""
+def given_precision_flags(args: list[str], file_args: dict[str, Any] | None = None) -> set[str]:
+    """The precision flags (:data:`PRECISION_FLAGS`) named on the command line ``args`` or in an arguments file."""
     names = {a[2:].split("=", 1)[0].replace("-", "_") for a in args if a.startswith("--")}
-    return bool((names | set(file_args or {})) & set(PRECISION_FLAGS))
+    return (names | set(file_args or {})) & set(PRECISION_FLAGS)
 
 
 # --- training paths per device ------------------------------------------------------------------------------------
@@ -145,3 +145,59 @@ def describe_cpu_paths(enabled: bool, cuda: bool) -> str:
                 + ("; NOT yet validated on a GPU" if cuda else ""))
     return ("standard PEFT/transformers/TRL paths" + (" (CUDA run: ours never ran on a GPU; --cpu_paths on to try "
                                                       "them)" if cuda else " (--cpu_paths off)"))
+
+
+# --- applied once per run ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HardwarePlan:
+    precision: Precision
+    cpu_paths: bool
+    cuda: bool
+    low_memory: bool
+
+    def describe(self) -> str:
+        memory = "; memory mode (--low_memory): gradient checkpointing on" if self.low_memory else ""
+        return f"{self.precision.describe()}; {describe_cpu_paths(self.cpu_paths, self.cuda)}{memory}"
+
+
+def cuda_run(training_args: Any) -> bool:
+    """Whether this run trains on a CUDA device (a GPU is present and ``--use_cpu`` is off)."""
+    import torch
+
+    return bool(torch.cuda.is_available()) and not getattr(training_args, "use_cpu", False)
+
+
+def finalize_hardware(model_args: Any, lora_args: Any, training_args: Any, cuda: bool,
+                      fast: Callable[[], tuple[bool, str]] = cpu_bf16_fast, auto_precision: bool = True) -> HardwarePlan:
+    """Derive the precision, the memory mode and the training paths into the parsed arguments, once per run.
+
+    Sets ``model_args.torch_dtype`` (never 'auto' afterwards on CPU), ``training_args.bf16`` together with the
+    ``mixed_precision`` TrainingArguments derived from it, ``model_args.cpu_paths`` ('on'/'off'),
+    ``lora_args.fused_lora`` (off where our paths are off) and, for ``--low_memory``, gradient checkpointing.
+    ``auto_precision=False`` keeps fp32 as the CPU default (stages whose bf16 path has not been checked).
+    A DeepSpeed config decides precision itself: it counts as given.
+    """
+    given = model_args.torch_dtype != "auto" or bool(getattr(training_args, "deepspeed", None))
+    bf16, fp16 = bool(getattr(training_args, "bf16", False)), bool(getattr(training_args, "fp16", False))
+    if model_args.low_memory and not given and not cuda:
+        precision = Precision("bfloat16", True, True, "--low_memory")
+    elif auto_precision or given or cuda:
+        precision = choose_precision(model_args.torch_dtype, bf16, fp16, given, cuda, fast)
+    else:
+        precision = Precision("float32", bf16, True, "fp32 is this stage's CPU default")
+    model_args.torch_dtype = precision.torch_dtype
+    if precision.bf16 != bf16:
+        training_args.bf16 = precision.bf16
+        # TrainingArguments.__post_init__ derived mixed_precision from bf16; the Trainer's accelerator reads it
+        training_args.mixed_precision = "bf16" if precision.bf16 else "no"
+    if model_args.low_memory:
+        for name in ("activation_checkpointing", "gradient_checkpointing"):
+            if hasattr(training_args, name):
+                setattr(training_args, name, True)
+    paths = cpu_paths_enabled(model_args.cpu_paths, cuda)
+    model_args.cpu_paths = "on" if paths else "off"
+    if not paths and lora_args is not None:
+        lora_args.fused_lora = False
+    return HardwarePlan(precision, paths, cuda, bool(model_args.low_memory))

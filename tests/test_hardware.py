@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from medtrain.errors import ConfigError
 from medtrain.hardware import (FAST_BF16_SPEEDUP, Precision, choose_precision, cpu_bf16_fast, cpu_flags,
-                               cpu_paths_enabled, precision_flags_given)
+                               cpu_paths_enabled, given_precision_flags)
 
 AMX = {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
 AVX512_BF16 = {"avx512f", "avx512_bf16"}
@@ -67,14 +69,14 @@ def test_gpu_runs_keep_the_transformers_defaults():
     assert (choice.torch_dtype, choice.bf16, choice.automatic) == ("auto", True, False)
 
 
-def test_precision_flags_given_from_flags_or_file():
-    assert not precision_flags_given(["--model_name_or_path", "m", "--output_dir", "o"])
-    assert precision_flags_given(["--bf16", "False"])
-    assert precision_flags_given(["--torch_dtype=float32"])
-    assert precision_flags_given(["--torch-dtype", "float32"])
-    assert precision_flags_given(["--fp16"])
-    assert not precision_flags_given(["--bf16_full_eval"])
-    assert precision_flags_given([], {"bf16": False})
+def test_given_precision_flags_from_flags_or_file():
+    assert given_precision_flags(["--model_name_or_path", "m", "--output_dir", "o"]) == set()
+    assert given_precision_flags(["--bf16", "False"]) == {"bf16"}
+    assert given_precision_flags(["--torch_dtype=float32", "--bf16", "False"]) == {"torch_dtype", "bf16"}
+    assert given_precision_flags(["--torch-dtype", "float32"]) == {"torch_dtype"}
+    assert given_precision_flags(["--fp16"]) == {"fp16"}
+    assert given_precision_flags(["--bf16_full_eval"]) == set()
+    assert given_precision_flags([], {"bf16": False}) == {"bf16"}
 
 
 def test_cpu_paths_are_on_for_cpu_off_for_cuda_unless_asked():
@@ -84,3 +86,75 @@ def test_cpu_paths_are_on_for_cpu_off_for_cuda_unless_asked():
     assert not cpu_paths_enabled("off", cuda=False)
     with pytest.raises(ConfigError, match="--cpu_paths 'maybe'"):
         cpu_paths_enabled("maybe", cuda=False)
+
+
+# --- applied to parsed arguments ---------------------------------------------------------------------------------------
+
+
+def sft_args(*flags: str):
+    from trl import SFTConfig
+
+    from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, parse_args
+
+    return parse_args([ModelArguments, LoraArguments, DataArguments, SFTConfig],
+                      ["--model_name_or_path", "m", "--train_file_dir", "d", "--output_dir", "o", "--report_to", "none",
+                       "--packing", "True", *flags])
+
+
+@pytest.mark.parametrize("flags,dtype,bf16", [
+    ((), "bfloat16", True),  # no precision flag on a fast-bf16 CPU: the fast mode
+    (("--torch_dtype", "float32", "--bf16", "False"), "float32", False),  # exactly the fp32 run
+    (("--bf16", "False"), "float32", False),
+    (("--bf16", "True"), "float32", True),  # autocast over fp32 weights, as before
+    (("--torch_dtype", "bfloat16"), "bfloat16", False),
+])
+def test_finalize_sets_precision_and_the_mixed_precision_the_trainer_reads(flags, dtype, bf16):
+    from medtrain.hardware import finalize_hardware
+
+    model_args, lora_args, _, training_args = sft_args(*flags)
+    plan = finalize_hardware(model_args, lora_args, training_args, cuda=False, fast=lambda: (True, "AMX"))
+    assert (model_args.torch_dtype, training_args.bf16) == (dtype, bf16)
+    assert training_args.mixed_precision == ("bf16" if bf16 else "no")
+    assert plan.precision.automatic is (not flags)
+    assert model_args.cpu_paths == "on" and lora_args.fused_lora
+
+
+def test_finalize_keeps_fp32_where_bf16_is_slow_and_low_memory_turns_on_bf16_and_checkpointing():
+    from medtrain.hardware import finalize_hardware
+
+    model_args, lora_args, _, training_args = sft_args()
+    finalize_hardware(model_args, lora_args, training_args, cuda=False, fast=lambda: (False, "no bf16"))
+    assert (model_args.torch_dtype, training_args.bf16, training_args.mixed_precision) == ("float32", False, "no")
+    model_args, lora_args, _, training_args = sft_args("--low_memory")
+    plan = finalize_hardware(model_args, lora_args, training_args, cuda=False, fast=lambda: (False, "no bf16"))
+    assert (model_args.torch_dtype, training_args.bf16, training_args.mixed_precision) == ("bfloat16", True, "bf16")
+    assert training_args.gradient_checkpointing and training_args.activation_checkpointing
+    assert "--low_memory" in plan.describe()
+
+
+def test_a_cuda_run_takes_the_standard_paths(tiny_chat_model_dir, monkeypatch):
+    """CUDA mocked: precision stays transformers' (auto), the fused LoRA branch, the fused loss and the per-sequence
+    attention are off, packed rows keep plain sdpa (its block mask from position_ids); --cpu_paths on brings them back."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from medtrain.efficiency import plan_batches
+    from medtrain.fused_lora import FusedLoraLinear
+    from medtrain.hardware import cuda_run, finalize_hardware
+    from medtrain.modeling import apply_lora
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cuda_run(SimpleNamespace(use_cpu=False)) and not cuda_run(SimpleNamespace(use_cpu=True))
+    for flags, ours in (((), False), (("--cpu_paths", "on"), True)):
+        with monkeypatch.context() as patch:  # TrainingArguments would look for the (mocked) GPU
+            patch.setattr(torch.cuda, "is_available", lambda: False)
+            model_args, lora_args, _, training_args = sft_args("--bf16", "False", *flags)
+        plan = finalize_hardware(model_args, lora_args, training_args, cuda=True, fast=never_decide)
+        assert model_args.torch_dtype == "float32"  # given --bf16 False: as given
+        assert (model_args.cpu_paths == "on") is ours and lora_args.fused_lora is ours
+        assert ("NOT yet validated on a GPU" in plan.describe()) is ours
+        model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir, attn_implementation="sdpa")
+        batches = plan_batches(model, training_args, None, 0, per_sequence_attention=model_args.cpu_paths == "on")
+        assert batches.packed and batches.attention == ("varlen_sdpa" if ours else "sdpa")
+        model = apply_lora(model, lora_args)
+        assert any(isinstance(m, FusedLoraLinear) for m in model.modules()) is ours
