@@ -131,7 +131,7 @@ def step(model, optimizer, batch: dict, mode: str) -> float:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def main() -> None:
@@ -156,13 +156,17 @@ def main() -> None:
         batch = packed_batch(args.model, args.data, args.rows, args.length)
         supervised = int((batch["labels"][:, 1:] != -100).sum())
         built = {mode: build(args.model, mode) for mode in modes}
-        first_loss = {mode: step(*built[mode], batch, mode) for mode in modes}  # warm-up, same adapter state
+        first_loss = {}
+        for mode in modes:  # warm-up, same adapter state
+            first_loss[mode] = step(*built[mode], batch, mode)
+            print(f"warm-up {mode}: loss {first_loss[mode]:.5f}", flush=True)
         times: dict[str, list[float]] = {mode: [] for mode in modes}
         for _ in range(args.rounds):
             for mode in modes:
                 start = time.perf_counter()
                 step(*built[mode], batch, mode)
                 times[mode].append(time.perf_counter() - start)
+                print(f"{mode}: {times[mode][-1]:.2f} s", flush=True)
         reference = first_loss.get("fp32")
         record["step"] = {
             "tokens": int(batch["input_ids"].numel()), "supervised_tokens": supervised,
