@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -27,6 +28,7 @@ from .errors import ConfigError
 logger = logging.getLogger(__name__)
 
 FAST_BF16_SPEEDUP = 1.5  # bf16 matmul must beat fp32 by this much for bf16 to be the CPU default
+BF16_ENV = "MEDTRAIN_CPU_BF16"  # "1"/"0": skip the detection and treat bf16 matmul as fast/slow (tests set 0)
 CPU_PATHS = ("auto", "on", "off")
 
 
@@ -70,7 +72,11 @@ def _measured_speedup() -> float:
 
 def cpu_bf16_fast(flags: set[str] | None = None, probe: Callable[[], float] = _measured_speedup) -> tuple[bool, str]:
     """Whether bf16 matmul is fast on this CPU, and why: AMX-BF16 is; AVX512-BF16 is when ``probe`` (the measured
-    fp32/bf16 time ratio) reaches :data:`FAST_BF16_SPEEDUP`; without bf16 instructions torch emulates bf16 (slow)."""
+    fp32/bf16 time ratio) reaches :data:`FAST_BF16_SPEEDUP`; without bf16 instructions torch emulates bf16 (slow).
+    ``MEDTRAIN_CPU_BF16=1``/``0`` in the environment replaces the detection (e.g. the test suite pins fp32)."""
+    override = os.environ.get(BF16_ENV, "").strip().lower()
+    if override in ("0", "1"):
+        return override == "1", f"{BF16_ENV}={override}"
     flags = cpu_flags() if flags is None else flags
     if "amx_bf16" in flags:
         return True, "the CPU has AMX-BF16"

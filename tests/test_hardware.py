@@ -15,6 +15,12 @@ AVX512_BF16 = {"avx512f", "avx512_bf16"}
 NO_BF16 = {"avx2", "avx512f"}
 
 
+@pytest.fixture(autouse=True)
+def detect(monkeypatch):
+    """These tests decide from mocked flags and probes, not from the suite's MEDTRAIN_CPU_BF16=0."""
+    monkeypatch.delenv("MEDTRAIN_CPU_BF16", raising=False)
+
+
 def never_probe() -> float:
     raise AssertionError("the probe must not run when the flags decide")
 
@@ -30,6 +36,13 @@ def test_avx512_bf16_is_decided_by_the_measured_probe(speedup, fast):
     ok, why = cpu_bf16_fast(AVX512_BF16, probe=lambda: speedup)
     assert ok is fast
     assert f"{speedup:.1f}x fp32" in why
+
+
+def test_the_environment_replaces_the_detection(monkeypatch):
+    monkeypatch.setenv("MEDTRAIN_CPU_BF16", "0")
+    assert cpu_bf16_fast(AMX, probe=never_probe) == (False, "MEDTRAIN_CPU_BF16=0")
+    monkeypatch.setenv("MEDTRAIN_CPU_BF16", "1")
+    assert cpu_bf16_fast(NO_BF16, probe=never_probe)[0]
 
 
 def test_cpu_flags_reads_the_first_flags_line(tmp_path):
