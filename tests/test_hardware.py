@@ -171,3 +171,16 @@ def test_a_cuda_run_takes_the_standard_paths(tiny_chat_model_dir, monkeypatch):
         assert batches.packed and batches.attention == ("varlen_sdpa" if ours else "sdpa")
         model = apply_lora(model, lora_args)
         assert any(isinstance(m, FusedLoraLinear) for m in model.modules()) is ours
+
+
+def test_cuda_runs_keep_the_default_allocators(monkeypatch):
+    import medtrain.runtime as runtime
+
+    called = []
+    monkeypatch.setattr(runtime, "apply_allocator_settings", lambda: called.append(1) or {"huge_pages": True})
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "unchanged")  # restored after the test
+    _, _, _, training_args = sft_args()
+    monkeypatch.setattr(runtime, "cuda_run", lambda args: True)
+    assert runtime.apply_process_settings(training_args)["huge_pages"] is False and not called
+    monkeypatch.setattr(runtime, "cuda_run", lambda args: False)
+    assert runtime.apply_process_settings(training_args)["huge_pages"] is True and called
