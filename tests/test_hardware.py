@@ -167,7 +167,7 @@ def test_a_cuda_run_takes_the_standard_paths(tiny_chat_model_dir, monkeypatch):
         assert (model_args.cpu_paths == "on") is ours and lora_args.fused_lora is ours
         assert ("NOT yet validated on a GPU" in plan.describe()) is ours
         model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir, attn_implementation="sdpa")
-        batches = plan_batches(model, training_args, None, 0, per_sequence_attention=model_args.cpu_paths == "on")
+        batches = plan_batches(model, training_args, 0, per_sequence_attention=model_args.cpu_paths == "on")
         assert batches.packed and batches.attention == ("varlen_sdpa" if ours else "sdpa")
         model = apply_lora(model, lora_args)
         assert any(isinstance(m, FusedLoraLinear) for m in model.modules()) is ours
