@@ -146,8 +146,8 @@ def test_finalize_keeps_fp32_where_bf16_is_slow_and_low_memory_turns_on_bf16_and
 
 
 def test_a_cuda_run_takes_the_standard_paths(tiny_chat_model_dir, monkeypatch):
-    """CUDA mocked: precision stays transformers' (auto), the fused LoRA branch, the fused loss and the per-sequence
-    attention are off, packed rows keep plain sdpa (its block mask from position_ids); --cpu_paths on brings them back."""
+    """CUDA mocked: the fused LoRA branch and the per-sequence attention are off, packed rows keep plain sdpa (its block
+    mask from position_ids), the log names the choice; --cpu_paths on brings our paths back."""
     import torch
     from transformers import AutoModelForCausalLM
 
