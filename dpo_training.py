@@ -48,10 +48,12 @@ def main(args: list[str] | None = None):
         [ModelArguments, LoraArguments, DataArguments, DPOArguments, RunArguments, DPOConfig],
         args=args, stage_defaults={"output_dir": "outputs-dpo", "do_train": True, "do_eval": True},
     )
-    finalize(model_args, lora_args, data_args, training_args,
-             checks=(lambda: check_dpo_arguments(model_args, lora_args, data_args, dpo_args, training_args),))
+    # fp32 stays the CPU default here (only SFT's bf16 path is checked); --low_memory / --cpu_paths apply
+    hardware = finalize(model_args, lora_args, data_args, training_args,
+                        checks=(lambda: check_dpo_arguments(model_args, lora_args, data_args, dpo_args, training_args),))
     # seeds before the LoRA adapter is built, so a run and its resume start from the same adapter
     resume = start_run(training_args, run_args.overwrite_output_dir)
+    logging.getLogger("medtrain").info("hardware: %s", hardware.describe())
 
     # Tokenizer and chat format (the one SFT recorded next to the model, unless --template_name says otherwise)
     tokenizer = load_tokenizer(model_args)

@@ -50,10 +50,12 @@ def main(args: list[str] | None = None) -> RewardModelTrainer:
         [ModelArguments, LoraArguments, DataArguments, RewardArguments, RunArguments, RewardConfig], args,
         stage_defaults={"output_dir": "outputs-rm", "do_train": True, "do_eval": True},
     )
-    finalize(model_args, lora_args, data_args, training_args,
-             checks=(lambda: check_reward_arguments(model_args, reward_args, training_args),))
+    # fp32 stays the CPU default here (only SFT's bf16 path is checked); --low_memory / --cpu_paths apply
+    hardware = finalize(model_args, lora_args, data_args, training_args,
+                        checks=(lambda: check_reward_arguments(model_args, reward_args, training_args),))
     # seeds before the LoRA adapter is built, so a run and its resume start from the same adapter
     resume = start_run(training_args, run_args.overwrite_output_dir)
+    logging.getLogger("medtrain").info("hardware: %s", hardware.describe())
 
     # Tokenizer and the chat format (what SFT recorded in the model dir, else --template_name / the tokenizer's)
     tokenizer = load_tokenizer(model_args, padding_side="right")

@@ -37,8 +37,9 @@ def main(args: list[str] | None = None) -> SFTTrainer:
         stage_defaults={"output_dir": "outputs-sft", "do_train": True, "do_eval": True, "packing": True,
                         "train_sampling_strategy": "group_by_length"},
     )
-    finalize(model_args, lora_args, data_args, training_args)
+    hardware = finalize(model_args, lora_args, data_args, training_args, auto_precision=True)
     resume = start_run(training_args, run_args.overwrite_output_dir)
+    logger.info("hardware: %s", hardware.describe())
 
     # Tokenizer and the chat format (template or the tokenizer's own chat template)
     tokenizer = load_tokenizer(model_args)
@@ -61,7 +62,8 @@ def main(args: list[str] | None = None) -> SFTTrainer:
     # Model (+ LoRA adapter); rope scaling / S2-Attn from the flags
     model = load_model(model_args, tokenizer=tokenizer, max_length=data_args.model_max_length)
     # Batches: packed rows with attention per sequence where exact (see medtrain.efficiency), else padded
-    plan = plan_batches(model, training_args, tokenizer.pad_token_id)
+    cpu_paths = model_args.cpu_paths == "on"  # our CPU paths, as finalize decided for this device
+    plan = plan_batches(model, training_args, tokenizer.pad_token_id, per_sequence_attention=cpu_paths)
     logger.info("batches: %s", plan.describe())
     train_dataset = plan.prepare(train_dataset, data_args.model_max_length)
     eval_dataset = plan.prepare(eval_dataset, data_args.model_max_length)
@@ -77,6 +79,7 @@ def main(args: list[str] | None = None) -> SFTTrainer:
         processing_class=tokenizer,
         data_collator=plan.collator,
         callbacks=[*resilience_callbacks(run_args), *plan.callbacks],
+        fused_loss=cpu_paths,
     )
 
     # Train, save, evaluate

@@ -22,6 +22,7 @@ from transformers import HfArgumentParser
 
 from .distributed import distributed_problems, read_deepspeed_config
 from .errors import ConfigError
+from .hardware import HardwarePlan, cuda_run, finalize_hardware, given_precision_flags
 
 TORCH_DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
@@ -40,7 +41,10 @@ class ModelArguments:
     torch_dtype: str = field(
         default="auto",
         metadata={
-            "help": "Dtype to load the weights in. 'auto' = float32 on CPU, the checkpoint's dtype on GPU.",
+            "help": "Dtype to load the weights in. 'auto' on CPU: bfloat16 weights + --bf16 autocast where the CPU "
+            "multiplies bf16 fast (AMX-BF16, or AVX512-BF16 measured faster; the log says which), float32 elsewhere or "
+            "when --bf16/--fp16 is given; on GPU bfloat16 where supported, else float16. --torch_dtype float32 --bf16 "
+            "False is the plain fp32 run (docs/efficiency.md).",
             "choices": TORCH_DTYPES,
         },
     )
@@ -79,6 +83,19 @@ class ModelArguments:
     )
     shift_attn_ratio: float = field(
         default=0.25, metadata={"help": "S2-Attn group size as a fraction of the sequence length."}
+    )
+    cpu_paths: str = field(
+        default="auto",
+        metadata={"help": "Our CPU-tuned training paths (fused LoRA branch, fused supervised-token loss, attention per "
+                  "packed sequence): auto = on for CPU runs, off for CUDA runs (they have never run on a GPU; CUDA "
+                  "runs take the standard PEFT/transformers/TRL paths); on / off to force.",
+                  "choices": ["auto", "on", "off"]},
+    )
+    low_memory: bool = field(
+        default=False,
+        metadata={"help": "Memory mode: bfloat16 frozen base weights + bf16 autocast (unless --torch_dtype/--bf16 are "
+                  "given; the LoRA adapter stays fp32) and gradient checkpointing. About half the peak memory of the "
+                  "default fp32 run (docs/efficiency.md)."},
     )
 
     def __post_init__(self) -> None:
@@ -318,6 +335,7 @@ def parse_args(dataclass_types: list[type], args: list[str] | None = None, stage
         # --max_length (checked there) from the config class's own default.
         defaults.update(max_length=None)
     defaults.update(stage_defaults or {})
+    file_args: dict[str, Any] = {}
     if args and args[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(args[0]):
         file_args = _file_args(args[0])
         _refuse_renamed(list(file_args), f"{args[0]}: ")
@@ -329,6 +347,11 @@ def parse_args(dataclass_types: list[type], args: list[str] | None = None, stage
             )
         defaults.update(file_args)
         args = args[1:]
+    given = given_precision_flags(args, file_args)
+    if not _cuda_available() and "torch_dtype" in known and given and "torch_dtype" not in given:
+        # --bf16/--fp16 without --torch_dtype: 'auto' would mean "choose the precision for this CPU"
+        # (medtrain.hardware); the flags chose it, so the weights load as they always did on CPU: float32
+        defaults["torch_dtype"] = "float32"
     parser.set_defaults(**{k: v for k, v in defaults.items() if k in known})
     # Required fields given in a file are satisfied through set_defaults.
     for action in parser._actions:
@@ -380,7 +403,7 @@ def check_arguments(model_args: ModelArguments, lora_args: LoraArguments, traini
 
 
 def finalize(model_args: ModelArguments, lora_args: LoraArguments, data_args: Any, training_args: Any,
-             checks: tuple[Callable[[], None], ...] = ()) -> None:
+             checks: tuple[Callable[[], None], ...] = (), auto_precision: bool = False) -> HardwarePlan:
     """Derive the trainer's fields from ours once, then check everything; every problem in one ConfigError.
 
     Runs once per stage, right after :func:`parse_args`; afterwards nothing reassigns a field of these objects
@@ -393,6 +416,9 @@ def finalize(model_args: ModelArguments, lora_args: LoraArguments, data_args: An
     - NEFTune (``--neftune_noise_alpha``, TRL's spelling) and packing/padding-free are checked here and applied by
       the batch plan once the model is loaded (whether packing is exact depends on the model's attention).
     - precision and launch: :func:`check_arguments` (CPU defaults are set by :func:`parse_args`).
+    - hardware (:func:`medtrain.hardware.finalize_hardware`, returned for the log): the precision default (with
+      ``auto_precision``: bf16 on CPUs with fast bf16 matmul, else fp32; stages whose bf16 path is unchecked keep
+      fp32), ``--low_memory``, and ``--cpu_paths`` (our CPU paths off on CUDA runs unless asked).
 
     ``checks`` are the stage's own cross-checks (each raises ConfigError); their problems join the list.
     """
@@ -421,6 +447,8 @@ def finalize(model_args: ModelArguments, lora_args: LoraArguments, data_args: An
         training_args.max_length = model_max_length
     if hasattr(training_args, "dataset_num_proc") and getattr(data_args, "preprocessing_num_workers", None):
         training_args.dataset_num_proc = data_args.preprocessing_num_workers
+    return finalize_hardware(model_args, lora_args, training_args, cuda=cuda_run(training_args),
+                             auto_precision=auto_precision)
 
 
 def peek_arg(name: str, default: Any, args: list[str] | None = None) -> Any:

@@ -11,9 +11,10 @@ from typing import Any, Callable
 from .arguments import DataArguments
 from .errors import DataError
 from .formats import MAX_LISTED, LoadReport, Record, find_data_files
-from .tokenization import describe_sample, encode_dialog, has_supervised_tokens
+from .tokenization import describe_sample, encode_dialogs, has_supervised_tokens
 
 logger = logging.getLogger(__name__)
+ENCODE_BATCH = 1000  # conversations per tokenizer batch in tokenize_conversations
 
 Loader = Callable[[list[str], LoadReport | None], list[dict]]
 
@@ -178,22 +179,22 @@ def tokenize_conversations(
 
     def encode(batch: dict) -> dict:
         # A conversation may give several samples (formats that rewrite history, see ChatFormat.samples).
-        out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "source": []}
+        # Tokenised together: one tokenizer call per turn index for the whole batch (the fast tokenizer uses every core).
+        dialogs, sources = [], []
         for messages, tools, source in zip(batch["messages"], batch["tools"], batch["source"]):
             for pieces in chat_format.samples(json.loads(messages), json.loads(tools)):
-                encoded = encode_dialog(tokenizer, pieces, max_length, train_on_inputs)
-                out["input_ids"].append(encoded.input_ids)
-                out["labels"].append(encoded.labels)
-                out["truncated"].append(encoded.truncated)
-                out["source"].append(source)
-        return out
+                dialogs.append(pieces)
+                sources.append(source)
+        encoded = encode_dialogs(tokenizer, dialogs, max_length, train_on_inputs)
+        return {"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded],
+                "truncated": [e.truncated for e in encoded], "source": sources}
 
     # Messages and tools travel as JSON text: their optional keys (reasoning, tool calls) vary between records.
     rows = [{"messages": json.dumps(e["messages"], ensure_ascii=False),
              "tools": json.dumps(e.get("tools"), ensure_ascii=False), "source": e["source"]} for e in examples]
     dataset = datasets.Dataset.from_list(rows)
-    dataset = dataset.map(encode, batched=True, num_proc=num_proc, desc=f"Tokenizing {name}",
-                          remove_columns=["messages", "tools"])
+    dataset = dataset.map(encode, batched=True, batch_size=ENCODE_BATCH, num_proc=num_proc,
+                          desc=f"Tokenizing {name}", remove_columns=["messages", "tools"])
     if len(dataset) > len(rows):
         logger.info("%s: %d conversations gave %d samples (the chat format rewrites earlier turns, so each reply is "
                     "trained in the context inference gives it)", name, len(rows), len(dataset))

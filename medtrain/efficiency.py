@@ -158,7 +158,8 @@ class BatchPlan:
         return args
 
 
-def plan_batches(model: Any, training_args: Any, pad_token_id: int) -> BatchPlan:
+def plan_batches(model: Any, training_args: Any, pad_token_id: int,
+                 per_sequence_attention: bool = True) -> BatchPlan:
     """Decide packing / padding-free / attention kernel / NEFTune for SFT from the (finalised) flags and the model.
 
     ``--packing`` (default on) packs when it is exact for this model (a known attention kernel and a measured
@@ -167,6 +168,8 @@ def plan_batches(model: Any, training_args: Any, pad_token_id: int) -> BatchPlan
     row; ``--padding_free`` flattens any batch. Packed or flattened rows on sdpa run
     :func:`medtrain.attention.varlen_attention_forward` (attention per sequence). ``training_args`` is only read:
     the trainer gets :meth:`BatchPlan.trainer_args`.
+    ``per_sequence_attention=False`` (CUDA runs, see :mod:`medtrain.hardware`) keeps transformers' sdpa,
+    which honours packed rows through a block mask.
     """
     attention = model.config._attn_implementation
     packed = bool(training_args.packing)
@@ -178,7 +181,7 @@ def plan_batches(model: Any, training_args: Any, pad_token_id: int) -> BatchPlan
             logger.warning("packing off: %s; batches are padded instead", why)
             packed = False
     flat = bool(training_args.padding_free) or (packed and attention == "flash_attention_2")
-    if (packed or flat) and attention == "sdpa":
+    if (packed or flat) and attention == "sdpa" and per_sequence_attention:
         model.set_attn_implementation(register_varlen_attention())
         attention = model.config._attn_implementation
     collator = PackedRowsCollator(pad_token_id, training_args.pad_to_multiple_of) if packed and not flat else None

@@ -17,10 +17,16 @@ memory (measured; see bench/bench_sft.py).
   (the base layer's caller holds it anyway) and the dropped input is rebuilt in backward;
 - ``result + scale * (x_kept @ A.T) @ B.T`` is one ``addmm_`` into the base layer's fresh output (no copy of it).
 
+Precision follows PEFT's own path: under ``torch.autocast`` the branch's matmuls run in the autocast dtype (bf16 on
+CPU: the input and the fp32 adapter weights are cast per call, as autocast casts them for ``nn.Linear``); without
+autocast they run in the adapter weights' dtype (PEFT casts the input to it: with a bf16 base and fp32 adapters the
+branch runs in fp32 and is added to the bf16 base output). Adapter weights, their gradients and the optimizer state
+stay in the weights' own dtype (fp32); the input gradient is returned in the input's dtype.
+
 :func:`fuse_lora_layers` switches plain ``lora.Linear`` layers to :class:`FusedLoraLinear` (a subclass: saving,
 merging, ``disable_adapter()`` and multi-adapter use are PEFT's own code paths, taken whenever the fused path does
-not apply: merged or disabled adapters, several active adapters, DoRA and other variants, LoRA bias, autocast,
-dtype mismatches, per-call adapter names).
+not apply: merged or disabled adapters, several active adapters, DoRA and other variants, LoRA bias, adapter
+weights of different dtypes, per-call adapter names).
 """
 
 from __future__ import annotations
@@ -85,61 +91,89 @@ def _dropped(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _masked(keep, x, out=scratch[: x.numel()].view(x.shape))
 
 
+def branch_dtype(x: torch.Tensor, weight_a: torch.Tensor) -> torch.dtype:
+    """The dtype PEFT's LoRA branch computes in for input ``x``: autocast's when it is on for ``x``'s device, else the
+    adapter weights' (PEFT casts the input to ``lora_A``'s dtype)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight_a.dtype
+
+
 class LoraBranch(torch.autograd.Function):
     """``result + scaling * (dropout(x) @ weight_a.T) @ weight_b.T`` with the saved state described in the module doc.
 
-    ``result`` (the base layer's output) is updated in place and returned when it is contiguous and not a leaf.
+    The matmuls run in ``dtype`` (see :func:`branch_dtype`); autocast is off inside, every cast is explicit.
+    ``result`` (the base layer's output) is updated in place and returned when it is contiguous, not a leaf and of
+    ``dtype``; otherwise the sum is a new tensor of ``result``'s dtype.
     """
 
     @staticmethod
     def forward(ctx, result: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
-                scaling: float, p: float) -> torch.Tensor:
-        flat_x = x.reshape(-1, x.shape[-1])
-        keep = None
-        if p > 0.0:
-            keep = dropout_keep_mask(flat_x.shape, p, flat_x.device)
-            scale = scaling * RESOLUTION / (RESOLUTION - keep_threshold(p))
-            xa = _dropped(keep, flat_x) @ weight_a.t()
-        else:
+                scaling: float, p: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or weight_a.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            flat_x = x.reshape(-1, x.shape[-1])
+            a, b = weight_a.to(dtype), weight_b.to(dtype)
+            keep = None
             scale = scaling
-            xa = flat_x @ weight_a.t()
-        ctx.save_for_backward(flat_x, keep, xa, weight_a, weight_b)
-        ctx.scale = scale
-        ctx.x_shape = x.shape
-        if result.is_contiguous() and not (result.is_leaf and result.requires_grad):
-            # The base layer's fresh output is the sum's storage: no copy of it (addmm copies its first argument).
-            # Marked dirty, so autograd refuses (never silently miscomputes) a graph that saved it for backward.
-            result.view(-1, result.shape[-1]).addmm_(xa, weight_b.t(), alpha=scale)
-            ctx.mark_dirty(result)
-            return result
-        return torch.addmm(result.reshape(-1, result.shape[-1]), xa, weight_b.t(), alpha=scale).view(result.shape)
+            if p > 0.0:
+                keep = dropout_keep_mask(flat_x.shape, p, flat_x.device)
+                scale = scaling * RESOLUTION / (RESOLUTION - keep_threshold(p))
+            xa = _branch_input(keep, flat_x, dtype) @ a.t()
+            ctx.save_for_backward(flat_x, keep, xa, weight_a, weight_b)
+            ctx.scale = scale
+            ctx.x_shape = x.shape
+            ctx.dtype = dtype
+            flat_result = result.view(-1, result.shape[-1]) if result.is_contiguous() else result.reshape(
+                -1, result.shape[-1])
+            if result.dtype != dtype:  # e.g. bf16 base output + fp32 adapter: PEFT adds in fp32, then casts back
+                return (flat_result + torch.mm(xa, b.t()).mul_(scale)).to(result.dtype).view(result.shape)
+            if result.is_contiguous() and not (result.is_leaf and result.requires_grad):
+                # The base layer's fresh output is the sum's storage: no copy of it (addmm copies its first argument).
+                # Marked dirty, so autograd refuses (never silently miscomputes) a graph that saved it for backward.
+                flat_result.addmm_(xa, b.t(), alpha=scale)
+                ctx.mark_dirty(result)
+                return result
+            return torch.addmm(flat_result, xa, b.t(), alpha=scale).view(result.shape)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         flat_x, keep, xa, weight_a, weight_b = ctx.saved_tensors
-        grad = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_result = grad_out if ctx.needs_input_grad[0] else None
-        grad_x = grad_a = grad_b = None
-        # Products with a side of width r are laid out so that the wide operand is the right-hand one, read row by
-        # row: ``grad @ weight_b`` and ``grad.T @ xa`` run 2.5-4x slower on CPU (skinny-GEMM kernels) than these.
-        grad_xa = (weight_b.t() @ grad.t()).t().mul_(ctx.scale)  # (tokens, r), a transposed view
-        if ctx.needs_input_grad[3]:
-            grad_b = (xa.t() @ grad).mul_(ctx.scale).t().contiguous()
-        if ctx.needs_input_grad[2]:
-            grad_a = grad_xa.t() @ (flat_x if keep is None else _dropped(keep, flat_x))
-        if ctx.needs_input_grad[1]:
-            grad_x = grad_xa @ weight_a
-            if keep is not None:  # in place: grad_x is a fresh product
-                _masked(keep, grad_x, out=grad_x)
-            grad_x = grad_x.view(ctx.x_shape)
-        return grad_result, grad_x, grad_a, grad_b, None, None
+        dtype = ctx.dtype
+        with torch.autocast(grad_out.device.type, enabled=False):
+            a, b = weight_a.to(dtype), weight_b.to(dtype)
+            grad = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+            grad_result = grad_out if ctx.needs_input_grad[0] else None
+            grad_x = grad_a = grad_b = None
+            # Products with a side of width r are laid out so that the wide operand is the right-hand one, read row by
+            # row: ``grad @ weight_b`` and ``grad.T @ xa`` run 2.5-4x slower on CPU (skinny-GEMM kernels) than these.
+            grad_xa = (b.t() @ grad.t()).t().mul_(ctx.scale)  # (tokens, r), a transposed view
+            if ctx.needs_input_grad[3]:
+                grad_b = (xa.t() @ grad).mul_(ctx.scale).t().contiguous().to(weight_b.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_a = (grad_xa.t() @ _branch_input(keep, flat_x, dtype)).to(weight_a.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_x = grad_xa @ a
+                if keep is not None:  # in place: grad_x is a fresh product
+                    _masked(keep, grad_x, out=grad_x)
+                grad_x = grad_x.view(ctx.x_shape).to(flat_x.dtype)
+        return grad_result, grad_x, grad_a, grad_b, None, None, None
+
+
+def _branch_input(keep: torch.Tensor | None, flat_x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dropped input in ``dtype`` for an immediate matmul (a scratch buffer when no cast is needed)."""
+    if flat_x.dtype == dtype:
+        return flat_x if keep is None else _dropped(keep, flat_x)
+    cast = flat_x.to(dtype)  # a fresh tensor: mask it in place
+    return cast if keep is None else _masked(keep, cast, out=cast)
 
 
 class FusedLoraLinear(lora_layer.Linear):
     """PEFT's ``lora.Linear`` whose vanilla single-adapter forward runs through :class:`LoraBranch`."""
 
     def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
-        if args or kwargs or self.disable_adapters or self.merged or torch.is_autocast_enabled(x.device.type):
+        if args or kwargs or self.disable_adapters or self.merged:
             return None
         active = [name for name in self.active_adapters if name in self.lora_A]
         if len(active) != 1 or active[0] in self.lora_variant:
@@ -149,7 +183,7 @@ class FusedLoraLinear(lora_layer.Linear):
         if lora_a.bias is not None or lora_b.bias is not None or not isinstance(dropout, (torch.nn.Dropout,
                                                                                               torch.nn.Identity)):
             return None
-        if not (x.dtype == lora_a.weight.dtype == lora_b.weight.dtype) or x.shape[-1] != lora_a.in_features:
+        if lora_a.weight.dtype != lora_b.weight.dtype or not x.is_floating_point() or x.shape[-1] != lora_a.in_features:
             return None
         if isinstance(dropout, torch.nn.Dropout):
             try:
@@ -163,12 +197,11 @@ class FusedLoraLinear(lora_layer.Linear):
         if name is None:
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x)
-        if result.dtype != x.dtype:
-            return super().forward(x, *args, **kwargs)
         dropout = self.lora_dropout[name]
         p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
-        return LoraBranch.apply(result, x, self.lora_A[name].weight, self.lora_B[name].weight,
-                                float(self.scaling[name]), p)
+        weight_a = self.lora_A[name].weight
+        return LoraBranch.apply(result, x, weight_a, self.lora_B[name].weight, float(self.scaling[name]), p,
+                                branch_dtype(x, weight_a))
 
 
 def fusion_problem() -> str | None:

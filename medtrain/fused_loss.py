@@ -35,7 +35,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, with_grad: bool, chunk: int = CHUNK_TOKENS):
+    def forward(ctx, hidden, weight, bias, targets, with_grad: bool, chunk: int = CHUNK_TOKENS,
+                dtype: torch.dtype | None = None):
+        dtype = dtype or torch.promote_types(hidden.dtype, weight.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return LinearCrossEntropy._chunks(ctx, hidden, weight, bias, targets, with_grad, chunk, dtype)
+
+    @staticmethod
+    def _chunks(ctx, hidden, weight, bias, targets, with_grad, chunk, dtype):
         grad_hidden = torch.empty_like(hidden) if with_grad and ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grad and ctx.needs_input_grad[1] else None
         grad_bias = (torch.zeros_like(bias, dtype=torch.float32)
@@ -43,23 +50,28 @@ class LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         entropy = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # The LM-head matmuls run in ``dtype`` (bf16 under autocast, as the stock path's lm_head does); the logits are
+        # then held in fp32 for the max/exp/log-sum-exp, as transformers' loss upcasts them.
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
         # Two (chunk, vocab) tiles reused by every chunk: a fresh 100 MB tensor per chunk costs more in page faults
         # (malloc maps and unmaps blocks that large every time) than the exponentials computed in it.
         tile = (min(chunk, hidden.shape[0]), weight.shape[0])
         logits_tile = torch.empty(tile, dtype=torch.float32, device=hidden.device)
         probs_tile = torch.empty(tile, dtype=torch.float32, device=hidden.device)
+        low_tile = torch.empty(tile, dtype=dtype, device=hidden.device) if dtype != torch.float32 else None
         for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            h, t = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
             rows = torch.arange(t.shape[0], device=t.device)
             # Few passes over the (chunk, vocab) tile: shift by the max, exponentiate into the softmax in place.
             shifted = logits_tile[:t.shape[0]]
-            if h.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
-                if bias is None:
-                    torch.mm(h, weight.t(), out=shifted)
-                else:
-                    torch.addmm(bias, h, weight.t(), out=shifted)
+            out = shifted if low_tile is None else low_tile[:t.shape[0]]
+            if b is None:
+                torch.mm(h, w.t(), out=out)
             else:
-                shifted.copy_(torch.nn.functional.linear(h, weight, bias))
+                torch.addmm(b, h, w.t(), out=out)
+            if low_tile is not None:
+                shifted.copy_(out)
             shifted -= shifted.amax(dim=-1, keepdim=True)
             target = shifted[rows, t]
             probs = torch.exp(shifted, out=probs_tile[:t.shape[0]])
@@ -72,10 +84,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is None and grad_weight is None and grad_bias is None:
                 continue
             probs[rows, t] -= 1.0  # d(sum CE)/d logits = softmax - one_hot
+            low = probs if low_tile is None else low_tile[:t.shape[0]].copy_(probs)
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[start:start + chunk] = low @ w
             if grad_weight is not None:
-                grad_weight += probs.t() @ h.float()
+                grad_weight += low.t() @ h
             if grad_bias is not None:
                 grad_bias += probs.sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -86,13 +99,27 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         grads = [None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
+
+
+def loss_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the LM-head matmuls: autocast's when it is on for ``hidden``'s device, else the promoted dtype of
+    the operands (what ``F.linear`` would compute in)."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          targets: torch.Tensor, chunk: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed loss, number of argmax hits, summed entropy) over ``targets``; differentiable in the loss only."""
-    return LinearCrossEntropy.apply(hidden, weight, bias, targets, torch.is_grad_enabled(), chunk)
+    """(summed loss, number of argmax hits, summed entropy) over ``targets``; differentiable in the loss only.
+
+    The matmuls run in :func:`loss_dtype` (bf16 under ``torch.autocast("cpu", dtype=torch.bfloat16)``); the
+    softmax, log-sum-exp and the sums are fp32 whatever the input dtype.
+    """
+    return LinearCrossEntropy.apply(hidden, weight, bias, targets, torch.is_grad_enabled(), chunk,
+                                    loss_dtype(hidden, weight))
 
 
 def _unwrap(model: Any) -> Any:
@@ -125,13 +152,14 @@ def fused_loss_problem(model: Any, args: Any) -> str | None:
 class EfficientSFTTrainer(SFTTrainer):
     """SFTTrainer with the fused supervised-positions loss (same loss, metrics entropy/mean_token_accuracy/num_tokens).
 
-    Falls back to TRL's loss when :func:`fused_loss_problem` names a reason or when outputs are requested.
+    Falls back to TRL's loss when :func:`fused_loss_problem` names a reason, when outputs are requested or with
+    ``fused_loss=False`` (CUDA runs by default, see :mod:`medtrain.hardware`).
     Batches may carry ``num_real_tokens`` (from :class:`medtrain.efficiency.PackedRowsCollator`) for the token count.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fused_loss: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        problem = fused_loss_problem(self.model, self.args)
+        problem = fused_loss_problem(self.model, self.args) if fused_loss else "our CPU paths are off (--cpu_paths)"
         self._fused = problem is None
         self._hidden: torch.Tensor | None = None
         if problem:
@@ -160,7 +188,9 @@ class EfficientSFTTrainer(SFTTrainer):
         targets = labels[:, 1:].to(hidden.device)
         mask = targets != IGNORE_INDEX
         head = _unwrap(model).get_output_embeddings()
-        loss_sum, correct, entropy = linear_cross_entropy(hidden[:, :-1][mask], head.weight, head.bias, targets[mask])
+        with self.accelerator.autocast():  # the mixed precision of the model's forward (--bf16) for the LM head too
+            loss_sum, correct, entropy = linear_cross_entropy(hidden[:, :-1][mask], head.weight, head.bias,
+                                                              targets[mask])
         num_valid = mask.sum()
         denominator = num_valid if num_items_in_batch is None else num_items_in_batch
         loss = loss_sum / torch.as_tensor(denominator, device=loss_sum.device).clamp(min=1)

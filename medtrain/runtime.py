@@ -27,6 +27,7 @@ from .distributed import (
     summarize_deepspeed,
 )
 from .errors import ConfigError
+from .hardware import cuda_run
 
 logger = logging.getLogger("medtrain")
 
@@ -115,12 +116,16 @@ def apply_process_settings(training_args: Any) -> dict:
 
     1. ``--deepspeed`` outside a launcher: the environment of a one-process torchrun (rank 0 of 1, a free port);
        without it DeepSpeed looks for MPI ("No module named 'mpi4py'").
-    2. CPU allocator settings (medtrain/allocator.py), before the first tensor of the run.
+    2. CPU allocator settings (medtrain/allocator.py), before the first tensor of the run; CPU runs only (they were
+       never measured in a process driving a GPU; see medtrain/hardware.py).
     3. tensorboard events to ``output_dir/logs`` (transformers 5 removed TrainingArguments.logging_dir).
     4. DeepSpeed's comm layer on gloo (CPU), before any model is loaded: ZeRO-3 partitions weights while loading.
     """
     launched_alone = default_single_process_env() if training_args.deepspeed else False
-    allocator = apply_allocator_settings()
+    if cuda_run(training_args):  # never measured with a GPU in the process: CUDA runs keep the defaults
+        allocator = {"huge_pages": False, "keep_freed_memory": False}
+    else:
+        allocator = apply_allocator_settings()
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(training_args.output_dir, "logs")
     deepspeed_comm = start_deepspeed_comm(training_args)
     return dict(allocator, single_process_env=launched_alone, deepspeed_comm=deepspeed_comm)

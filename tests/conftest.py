@@ -16,6 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
+# The suite's tiny-model numerics are fp32: stage scripts (subprocesses inherit this) skip the CPU bf16 detection
+# that would make bf16 the SFT default on CPUs with fast bf16 matmul (medtrain/hardware.py; its own tests mock it).
+os.environ.setdefault("MEDTRAIN_CPU_BF16", "0")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"

@@ -202,7 +202,10 @@ def test_dora_and_bias_layers_stay_on_peft_code():
     fuse_lora_layers(plain)
     layer = plain.base_model.model.model.layers[0].mlp.up_proj
     assert layer._fused_adapter(torch.randn(2, 32), (), {}) == "default"
-    assert layer._fused_adapter(torch.randn(2, 32, dtype=torch.float64), (), {}) is None
+    assert layer._fused_adapter(torch.randn(2, 32, dtype=torch.bfloat16), (), {}) == "default"  # bf16 base, fp32 adapter
+    layer.lora_B["default"].to(torch.float64)
+    assert layer._fused_adapter(torch.randn(2, 32), (), {}) is None  # adapter weights of two dtypes
+    layer.lora_B["default"].to(torch.float32)
     assert layer._fused_adapter(torch.randn(2, 32), (), {"adapter_names": ["default"]}) is None
     layer.lora_dropout["default"].p = 1 - 2**-18  # not representable by the 16-bit threshold
     assert layer._fused_adapter(torch.randn(2, 32), (), {}) is None

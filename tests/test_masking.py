@@ -151,3 +151,56 @@ def test_qwen_template_and_qwen_tokenizer_give_the_same_ids():
     by_template = encode_dialog(tok, TemplateChatFormat(get_conv_template("qwen")).dialog(THREE_TURNS), 512)
     by_tokenizer = encode_dialog(tok, TokenizerChatFormat(tok).dialog(THREE_TURNS), 512)
     assert by_template.input_ids == by_tokenizer.input_ids and by_template.labels == by_tokenizer.labels
+
+
+def reference_encode(tokenizer, pieces, max_length):
+    """The per-piece algorithm encode_dialogs must equal: tokenise each text alone, BOS rule, turn-boundary cuts."""
+    ids, labels, truncated = [], [], False
+    for turn, (prompt, answer) in enumerate(pieces):
+        p = tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
+        a = tokenizer.encode(answer, add_special_tokens=False) if answer else []
+        if turn == 0 and tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id and p[:1] != [tokenizer.bos_token_id]:
+            p = [tokenizer.bos_token_id] + p
+        budget = max_length - len(ids)
+        if len(p) + len(a) > budget:
+            truncated = True
+            if turn > 0:
+                break
+            if len(p) <= budget // 2:
+                p, a = p, a[:budget - len(p)]
+            elif len(a) <= budget // 2:
+                p, a = p[:budget - len(a)], a
+            else:
+                p, a = p[:budget - budget // 2], a[:budget // 2]
+        ids += p + a
+        labels += [IGNORE_INDEX] * len(p) + a
+    return ids, labels, truncated
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_batched_encoding_equals_encoding_each_piece_alone(tmp_path, bos):
+    import random
+
+    from conftest import build_tokenizer
+    from medtrain.tokenization import encode_dialogs
+
+    tok = build_tokenizer(tmp_path / "tok")
+    if bos:  # a tokenizer that prepends BOS by default (Llama-style)
+        from tokenizers import processors
+
+        tok._tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+        assert tok("a")["input_ids"][0] == tok.bos_token_id
+    rng = random.Random(0)
+    words = ["fever", "cough", "rest", "发烧", "多喝水。", "tea", "doctor", "?", " ", "\n"]
+    dialogs = []
+    for _ in range(60):
+        turns = rng.randint(1, 4)
+        dialogs.append([("".join(rng.choices(words, k=rng.randint(0, 12))),
+                         "".join(rng.choices(words, k=rng.randint(1, 12))) + "</s>") for _ in range(turns)])
+    for max_length in (4, 9, 20, 45, 1000):
+        batched = encode_dialogs(tok, dialogs, max_length)
+        for dialog, encoded in zip(dialogs, batched):
+            ids, labels, truncated = reference_encode(tok, dialog, max_length)
+            assert (encoded.input_ids, encoded.labels, encoded.truncated) == (ids, labels, truncated), (dialog, max_length)
+            assert encode_dialog(tok, dialog, max_length) == encoded

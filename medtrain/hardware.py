@@ -1,0 +1,209 @@
+"""What the run's hardware decides: the default precision, and which training paths a device gets.
+
+Precision (:func:`choose_precision`). On a CPU whose bf16 matmul is fast -- AMX-BF16, or AVX512-BF16 where a short
+measured probe finds bf16 matmul at least :data:`FAST_BF16_SPEEDUP` times faster than fp32 -- a run that names no
+precision trains in bf16: the frozen base weights are loaded in bf16 and the step runs under bf16 autocast (the LoRA
+adapter, its gradients and the optimizer state stay fp32; the loss's softmax/log-sum-exp is fp32). Elsewhere on CPU
+it trains in fp32, as before. Any precision flag (``--torch_dtype``, ``--bf16``, ``--fp16``) turns the automatic
+choice off and is used as given: ``--torch_dtype float32 --bf16 False`` is the plain fp32 run. GPU runs keep the
+usual transformers/TRL behaviour (``--torch_dtype auto`` = bf16 where the GPU supports it).
+
+Paths (:func:`cpu_paths_enabled`). The fused LoRA branch, the fused supervised-token loss, per-sequence attention
+for packed rows and the allocator settings were written and measured on CPUs only; no CUDA run has exercised them.
+Until one has, CUDA runs take the standard PEFT/transformers/TRL paths (packed rows with sdpa's block mask, or
+FlashAttention-2 padding-free rows); ``--cpu_paths on`` turns ours on for a GPU run too, ``off`` turns them off on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+FAST_BF16_SPEEDUP = 1.5  # bf16 matmul must beat fp32 by this much for bf16 to be the CPU default
+BF16_ENV = "MEDTRAIN_CPU_BF16"  # "1"/"0": skip the detection and treat bf16 matmul as fast/slow (tests set 0)
+CPU_PATHS = ("auto", "on", "off")
+
+
+# --- CPU bf16 capability ---------------------------------------------------------------------------------------------
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is missing, e.g. macOS)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def measure_bf16_speedup(size: int = 1024, rounds: int = 3) -> float:
+    """fp32 time / bf16 time of a ``size``^2 matmul, best of ``rounds`` alternating runs (~0.1-0.3 s on 2 cores)."""
+    import torch
+
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    pairs = {torch.float32: (a, b), torch.bfloat16: (a.bfloat16(), b.bfloat16())}
+    best = {dtype: float("inf") for dtype in pairs}
+    for dtype, (x, y) in pairs.items():  # warm-up: oneDNN picks and caches its kernels
+        x @ y
+    for _ in range(rounds):
+        for dtype, (x, y) in pairs.items():
+            start = time.perf_counter()
+            x @ y
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / max(best[torch.bfloat16], 1e-9)
+
+
+@functools.lru_cache(maxsize=1)
+def _measured_speedup() -> float:
+    return measure_bf16_speedup()
+
+
+def cpu_bf16_fast(flags: set[str] | None = None, probe: Callable[[], float] = _measured_speedup) -> tuple[bool, str]:
+    """Whether bf16 matmul is fast on this CPU, and why: AMX-BF16 is; AVX512-BF16 is when ``probe`` (the measured
+    fp32/bf16 time ratio) reaches :data:`FAST_BF16_SPEEDUP`; without bf16 instructions torch emulates bf16 (slow).
+    ``MEDTRAIN_CPU_BF16=1``/``0`` in the environment replaces the detection (e.g. the test suite pins fp32)."""
+    override = os.environ.get(BF16_ENV, "").strip().lower()
+    if override in ("0", "1"):
+        return override == "1", f"{BF16_ENV}={override}"
+    flags = cpu_flags() if flags is None else flags
+    if "amx_bf16" in flags:
+        return True, "the CPU has AMX-BF16"
+    if "avx512_bf16" not in flags:
+        return False, "the CPU has no bf16 matmul instructions (AMX-BF16/AVX512-BF16): bf16 would be emulated"
+    speedup = probe()
+    verdict = "fast" if speedup >= FAST_BF16_SPEEDUP else "not faster"
+    return speedup >= FAST_BF16_SPEEDUP, (f"the CPU has AVX512-BF16; a measured bf16 matmul ran {speedup:.1f}x fp32 "
+                                          f"({verdict}; the threshold is {FAST_BF16_SPEEDUP}x)")
+
+
+# --- the precision default --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Precision:
+    torch_dtype: str  # for ModelArguments.torch_dtype
+    bf16: bool  # autocast (TrainingArguments.bf16)
+    automatic: bool  # chosen here (True) or as the flags gave it (False)
+    reason: str
+
+    def describe(self) -> str:
+        mode = {("bfloat16", True): "bf16 (bf16 frozen weights + bf16 autocast; fp32 adapter and optimizer state)",
+                ("float32", False): "fp32"}.get((self.torch_dtype, self.bf16),
+                                                f"--torch_dtype {self.torch_dtype} --bf16 {self.bf16}")
+        how = "default" if self.automatic else "as given"
+        return f"precision {mode} ({how}: {self.reason})"
+
+
+def choose_precision(torch_dtype: str, bf16: bool, fp16: bool, flags_given: bool, cuda: bool,
+                     fast: Callable[[], tuple[bool, str]] = cpu_bf16_fast) -> Precision:
+    """The run's precision. ``flags_given``: the user passed --torch_dtype, --bf16 or --fp16 (flag or file).
+
+    Automatic only for a CPU run without precision flags: bf16 where :func:`cpu_bf16_fast` says bf16 matmul is fast,
+    fp32 elsewhere. GPU runs and explicit flags are returned unchanged.
+    """
+    if cuda:
+        return Precision(torch_dtype, bf16, False, "GPU run: transformers/TRL defaults")
+    if flags_given or fp16:
+        return Precision(torch_dtype, bf16, False, "precision flags given")
+    ok, why = fast()
+    if ok:
+        return Precision("bfloat16", True, True, why + "; --torch_dtype float32 --bf16 False for fp32")
+    return Precision("float32", False, True, why)
+
+
+PRECISION_FLAGS = ("torch_dtype", "bf16", "fp16")
+
+
+def given_precision_flags(args: list[str], file_args: dict[str, Any] | None = None) -> set[str]:
+    """The precision flags (:data:`PRECISION_FLAGS`) named on the command line ``args`` or in an arguments file."""
+    names = {a[2:].split("=", 1)[0].replace("-", "_") for a in args if a.startswith("--")}
+    return (names | set(file_args or {})) & set(PRECISION_FLAGS)
+
+
+# --- training paths per device ------------------------------------------------------------------------------------
+
+
+def cpu_paths_enabled(setting: str, cuda: bool) -> bool:
+    """Whether our CPU training paths (fused LoRA branch, fused loss, per-sequence attention, allocator settings) run:
+    ``auto`` = on for CPU runs, off for CUDA runs (never checked on a GPU); ``on``/``off`` as said."""
+    if setting not in CPU_PATHS:
+        raise ConfigError(f"--cpu_paths {setting!r}: choose one of {', '.join(CPU_PATHS)}.")
+    if setting == "auto":
+        return not cuda
+    return setting == "on"
+
+
+def describe_cpu_paths(enabled: bool, cuda: bool) -> str:
+    if enabled:
+        return ("our CPU paths on (fused LoRA branch, fused loss, per-sequence attention, allocator settings)"
+                + ("; NOT yet validated on a GPU" if cuda else ""))
+    return ("standard PEFT/transformers/TRL paths" + (" (CUDA run: ours never ran on a GPU; --cpu_paths on to try "
+                                                      "them)" if cuda else " (--cpu_paths off)"))
+
+
+# --- applied once per run ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HardwarePlan:
+    precision: Precision
+    cpu_paths: bool
+    cuda: bool
+    low_memory: bool
+
+    def describe(self) -> str:
+        memory = "; memory mode (--low_memory): gradient checkpointing on" if self.low_memory else ""
+        return f"{self.precision.describe()}; {describe_cpu_paths(self.cpu_paths, self.cuda)}{memory}"
+
+
+def cuda_run(training_args: Any) -> bool:
+    """Whether this run trains on a CUDA device (a GPU is present and ``--use_cpu`` is off)."""
+    import torch
+
+    return bool(torch.cuda.is_available()) and not getattr(training_args, "use_cpu", False)
+
+
+def finalize_hardware(model_args: Any, lora_args: Any, training_args: Any, cuda: bool,
+                      fast: Callable[[], tuple[bool, str]] = cpu_bf16_fast, auto_precision: bool = True) -> HardwarePlan:
+    """Derive the precision, the memory mode and the training paths into the parsed arguments, once per run.
+
+    Sets ``model_args.torch_dtype`` (never 'auto' afterwards on CPU), ``training_args.bf16`` together with the
+    ``mixed_precision`` TrainingArguments derived from it, ``model_args.cpu_paths`` ('on'/'off'),
+    ``lora_args.fused_lora`` (off where our paths are off) and, for ``--low_memory``, gradient checkpointing.
+    ``auto_precision=False`` keeps fp32 as the CPU default (stages whose bf16 path has not been checked).
+    A DeepSpeed config decides precision itself: it counts as given.
+    """
+    given = model_args.torch_dtype != "auto" or bool(getattr(training_args, "deepspeed", None))
+    bf16, fp16 = bool(getattr(training_args, "bf16", False)), bool(getattr(training_args, "fp16", False))
+    if model_args.low_memory and not given and not cuda:
+        precision = Precision("bfloat16", True, True, "--low_memory")
+    elif auto_precision or given or cuda:
+        precision = choose_precision(model_args.torch_dtype, bf16, fp16, given, cuda, fast)
+    else:
+        precision = Precision("float32", bf16, True, "fp32 is this stage's CPU default")
+    model_args.torch_dtype = precision.torch_dtype
+    if precision.bf16 != bf16:
+        training_args.bf16 = precision.bf16
+        # TrainingArguments.__post_init__ derived mixed_precision from bf16; the Trainer's accelerator reads it
+        training_args.mixed_precision = "bf16" if precision.bf16 else "no"
+    if model_args.low_memory:
+        for name in ("activation_checkpointing", "gradient_checkpointing"):
+            if hasattr(training_args, name):
+                setattr(training_args, name, True)
+    paths = cpu_paths_enabled(model_args.cpu_paths, cuda)
+    model_args.cpu_paths = "on" if paths else "off"
+    if not paths and lora_args is not None:
+        lora_args.fused_lora = False
+    return HardwarePlan(precision, paths, cuda, bool(model_args.low_memory))

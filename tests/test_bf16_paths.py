@@ -1,0 +1,219 @@
+"""Our custom training paths (fused LoRA branch, fused loss, per-sequence attention) under bf16: they compute in bf16
+where the stock PEFT/transformers path does, keep adapter weights and gradients in fp32, and match fp32 losses."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from medtrain.attention import register_varlen_attention
+from medtrain.efficiency import PackedRowsCollator
+from medtrain.fused_lora import FusedLoraLinear, fuse_lora_layers
+from medtrain.fused_loss import linear_cross_entropy
+from medtrain.tokenization import IGNORE_INDEX
+
+VOCAB = 97
+BF16 = torch.bfloat16
+MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_")  # the entropy einsum (aten::bmm) stays fp32 on purpose
+
+
+def matmul_dtypes(fn) -> list[tuple[str, list, tuple]]:
+    """Run ``fn`` under the profiler; (op, input shapes, input dtypes) of every matmul kernel it ran (after autocast's
+    casts, backward included)."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        fn()
+    return [(e.name, e.input_shapes, tuple(d for d in e.input_dtypes if d)) for e in prof.events()
+            if e.name in MATMULS]
+
+
+def dtypes_of(seen) -> set[str]:
+    return {d for _, _, dtypes in seen for d in dtypes if d != "Scalar"}
+
+
+def tiny_lora_model(dtype=torch.float32, dropout=0.0, seed=0, attn="varlen") -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    base = LlamaForCausalLM(config).to(dtype)
+    base.set_attn_implementation(register_varlen_attention() if attn == "varlen" else attn)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
+    with torch.no_grad():  # lora_B starts at zero: make the branch matter
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+    return model
+
+
+def packed_batch(seed=1) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for lengths in ((9, 14, 7), (20, 10)):
+        ids, labels = [], []
+        for n in lengths:
+            seq = torch.randint(3, VOCAB, (n,), generator=generator).tolist()
+            ids += seq
+            labels += [IGNORE_INDEX] * (n // 3) + seq[n // 3:]
+        rows.append({"input_ids": ids, "labels": labels, "seq_lengths": list(lengths)})
+    batch = PackedRowsCollator(pad_token_id=0)(rows)
+    batch.pop("num_real_tokens")
+    return batch
+
+
+def fused_step_loss(model, batch) -> torch.Tensor:
+    """What EfficientSFTTrainer.compute_loss does: hidden states of the backbone, supervised positions, fused loss."""
+    captured = {}
+    base = model.get_base_model()
+    handle = base.model.register_forward_hook(lambda m, i, o: captured.update(h=o.last_hidden_state))
+    try:
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    head = base.get_output_embeddings()
+    loss_sum, _, _ = linear_cross_entropy(captured["h"][:, :-1][mask], head.weight, head.bias, targets[mask])
+    return loss_sum / mask.sum()
+
+
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+# --- fused LoRA branch -----------------------------------------------------------------------------------------------
+
+
+def test_fused_lora_under_autocast_runs_bf16_matmuls_and_matches_peft():
+    reference = tiny_lora_model(dropout=0.0)
+    fused = copy.deepcopy(reference)
+    assert fuse_lora_layers(fused) > 0
+    layer = fused.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, FusedLoraLinear)
+    x = torch.randn(3, 11, 64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    ref_layer = reference.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.autocast("cpu", dtype=BF16):
+        out_ref = ref_layer(x_ref)
+        outputs = []
+        forward = matmul_dtypes(lambda: outputs.append(layer(x)))
+    out = outputs[0]
+    # PEFT under autocast gives a bf16 output; so do we, and every matmul (base layer, our branch) ran in bf16
+    assert out_ref.dtype == BF16 and out.dtype == BF16
+    assert len(forward) >= 3 and dtypes_of(forward) == {"c10::BFloat16"}, forward
+    torch.testing.assert_close(out.float(), out_ref.float(), rtol=2e-2, atol=2e-2)
+    grad = torch.randn_like(out, dtype=torch.float32).to(BF16)
+    backward = matmul_dtypes(lambda: out.backward(grad))
+    out_ref.backward(grad)
+    # input gradient of the base layer + three products of the branch, all bf16
+    assert len(backward) >= 4 and dtypes_of(backward) == {"c10::BFloat16"}, backward
+    # adapter weights and their gradients stay fp32; the input gradient comes back in the input's dtype
+    for name in ("lora_A", "lora_B"):
+        mine, theirs = getattr(layer, name)["default"].weight, getattr(ref_layer, name)["default"].weight
+        assert mine.dtype == torch.float32 and mine.grad.dtype == torch.float32
+        assert mine.grad.abs().sum() > 0
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=3e-2, atol=3e-2 * theirs.grad.abs().max().item())
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=3e-2, atol=3e-2 * x_ref.grad.abs().max().item())
+
+
+def test_fused_lora_with_bf16_base_and_fp32_adapter_computes_the_branch_in_fp32_like_peft():
+    reference = tiny_lora_model(dtype=BF16, dropout=0.0)
+    layer_ref = reference.base_model.model.model.layers[1].mlp.down_proj
+    assert layer_ref.lora_A["default"].weight.dtype == torch.float32  # PEFT keeps adapters in fp32 (autocast_adapter_dtype)
+    fused = copy.deepcopy(reference)
+    fuse_lora_layers(fused)
+    layer = fused.base_model.model.model.layers[1].mlp.down_proj
+    x = torch.randn(2, 5, 96, dtype=BF16)
+    outputs = []
+    seen = matmul_dtypes(lambda: outputs.append(layer(x)))
+    out, out_ref = outputs[0], layer_ref(x)
+    assert out.dtype == out_ref.dtype == BF16
+    # the base layer in bf16; the branch's products (an operand of width r = 4) in fp32, as PEFT computes them
+    branch = [event for event in seen if any(4 in shape for shape in event[1])]
+    assert len(branch) == 2 and dtypes_of(branch) == {"float"}, seen
+    assert dtypes_of([event for event in seen if event not in branch]) == {"c10::BFloat16"}
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+
+
+# --- fused loss --------------------------------------------------------------------------------------------------------
+
+
+def test_fused_loss_under_autocast_uses_bf16_matmuls_and_fp32_softmax():
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16)
+    targets = torch.randint(0, 50, (37,))
+    results = []
+    with torch.autocast("cpu", dtype=BF16):
+        seen = matmul_dtypes(lambda: results.append(linear_cross_entropy(hidden, weight, None, targets, chunk=8)))
+    loss = results[0][0]
+    # 5 chunks: logits and the hidden gradient per chunk, in bf16
+    assert len(seen) == 10 and dtypes_of(seen) == {"c10::BFloat16"}, seen
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert hidden.grad.dtype == torch.float32
+    # the reference: what the stock path computes under autocast (bf16 logits, fp32 cross-entropy)
+    logits = (hidden.detach().to(BF16) @ weight.to(BF16).T).float()
+    expected = F.cross_entropy(logits, targets, reduction="sum")
+    assert abs(loss.item() - expected.item()) < 1e-4 * expected.item()
+    fp32 = F.cross_entropy(hidden.detach() @ weight.T, targets, reduction="sum")
+    assert abs(loss.item() - fp32.item()) < 2e-2 * fp32.item()
+    # without autocast the same call stays fp32
+    seen = matmul_dtypes(lambda: linear_cross_entropy(hidden, weight, None, targets, chunk=8))
+    assert len(seen) == 10 and dtypes_of(seen) == {"float"}
+
+
+# --- a whole tiny training step ------------------------------------------------------------------------------------
+
+
+def test_varlen_attention_runs_in_bf16_under_autocast():
+    model = tiny_lora_model()
+    batch = packed_batch()
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        out = sdpa(query, key, value, **kwargs)
+        seen.append(out.dtype)
+        return out
+
+    import medtrain.attention as attention
+
+    original = attention.F.scaled_dot_product_attention
+    attention.F.scaled_dot_product_attention = spy
+    try:
+        with torch.autocast("cpu", dtype=BF16):
+            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    finally:
+        attention.F.scaled_dot_product_attention = original
+    # one call per packed sequence per layer (5 sequences, 2 layers), all bf16
+    assert len(seen) == 10 and set(seen) == {BF16}
+
+
+@pytest.mark.parametrize("mode", ["autocast", "bf16_weights+autocast"])
+def test_bf16_training_step_matches_fp32_loss_and_gradients_flow(mode):
+    batch = packed_batch()
+    fp32 = tiny_lora_model()
+    fuse_lora_layers(fp32)
+    loss32 = fused_step_loss(fp32, batch)
+    loss32.backward()
+    low = tiny_lora_model(dtype=BF16 if "weights" in mode else torch.float32)
+    fuse_lora_layers(low)
+    with torch.autocast("cpu", dtype=BF16):
+        loss16 = fused_step_loss(low, batch)
+    loss16.backward()
+    assert loss16.dtype == torch.float32
+    # tolerance: bf16 keeps 8 mantissa bits (relative rounding 2**-9 = 0.2% per op); over 2 layers and the LM head
+    # the loss of this tiny model moves by well under 1%
+    assert abs(loss16.item() - loss32.item()) < 0.01 * loss32.item(), (loss16.item(), loss32.item())
+    grads16, grads32 = lora_grads(low), lora_grads(fp32)
+    assert grads16.keys() == grads32.keys() and len(grads16) == 2 * 7 * 2
+    for name, grad in grads16.items():
+        assert grad is not None and grad.dtype == torch.float32, name
+        assert grad.abs().sum() > 0, name
+        cos = F.cosine_similarity(grad.flatten(), grads32[name].flatten(), dim=0)
+        assert cos > 0.98, (name, cos.item())
