@@ -6,7 +6,9 @@ with ``data: [DONE]``), ``GET /health``. Errors are OpenAI's JSON shape ``{"erro
 body over the limit, 429 when the queue is full (with Retry-After), 500 when generation fails.
 
 Prompts are the chat format's rendering, tokenised piece by piece as SFT tokenised them
-(:func:`medtrain.generation.prompt_ids`). The request body is read and parsed by hand (not by FastAPI's body
+(:func:`medtrain.generation.prompt_ids`), with the request's ``tools`` and tool-call history rendered as training
+renders them; calls in the answer are parsed (:func:`medtrain.tools.parse_tool_calls`) into ``message.tool_calls``
+(streamed: content up to where a call can start, then each call whole; :class:`_CallHolder`). The request body is read and parsed by hand (not by FastAPI's body
 binding) so that an oversized body is refused before it is all read and every error is a 400 in OpenAI's shape.
 """
 

@@ -2,7 +2,9 @@
 loopback port: answers equal inference.py's, streams add up to them, a 3-turn history is fed to the model as the
 exact token ids SFT trained on, stop strings / max_tokens / n / seed behave as OpenAI documents, 32 concurrent
 requests are batched and all answered, a client that disconnects mid-stream frees its slot, a full queue answers
-429, and every malformed request gets its status and a message naming the field while the server keeps serving."""
+429, and every malformed request gets its status and a message naming the field while the server keeps serving.
+Tools: a request with tools and tool-call history is fed as training's ids; answers with calls (from a scripted
+model under the real Engine) come back as OpenAI tool_calls, streamed and not."""
 
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ from medtrain.chat_format import get_chat_format, save_chat_format
 from medtrain.data import tokenize_conversations
 from medtrain.entrypoint import run_main
 from medtrain.generation import generate_responses, prompt_ids
-from medtrain.openai_server import create_app
+from medtrain.openai_server import _CallHolder, create_app
 from medtrain.serving import Engine, ServeArguments, load_engine
 from medtrain.tokenization import IGNORE_INDEX
+from medtrain.tools import TOOL_FORMATS, parse_tool_calls
 
 KEY = "test-key-123"
 SYSTEM = "You are a careful doctor."
@@ -659,3 +662,20 @@ def test_a_call_cut_by_max_tokens_stays_length(scripted):
                   max_tokens=8).choices[0]
     assert choice.finish_reason == "length" and choice.message.tool_calls is None
     assert CALLS["qwen"].startswith(choice.message.content)
+
+
+@pytest.mark.parametrize("name", sorted(TOOL_FORMATS))
+def test_streaming_holds_every_tool_format_from_where_its_calls_start(name):
+    """Fed a character at a time, the stream never sends call text as content, and content sent + the rest held
+    equals the non-streamed split (each format's ``call_starts`` matches what its ``calls_text`` writes)."""
+    fmt = TOOL_FORMATS[name]
+    prefix = "" if name == "glm4" else "Sure, I will check.\n"  # glm4's call is the whole reply
+    text = prefix + fmt.calls_text([{"type": "function", "function": {"name": "get_weather",
+                                                                       "arguments": {"city": "Rome"}}}])
+    holder = _CallHolder(name)
+    sent = "".join(holder.feed(char) for char in text)
+    rest, calls = holder.finish()
+    content, expected = parse_tool_calls(text, name)
+    assert calls == expected == [{"name": "get_weather", "arguments": {"city": "Rome"}}]
+    assert sent + rest == content == prefix.strip()
+    assert "get_weather" not in sent
