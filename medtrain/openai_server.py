@@ -6,7 +6,9 @@ with ``data: [DONE]``), ``GET /health``. Errors are OpenAI's JSON shape ``{"erro
 body over the limit, 429 when the queue is full (with Retry-After), 500 when generation fails.
 
 Prompts are the chat format's rendering, tokenised piece by piece as SFT tokenised them
-(:func:`medtrain.generation.prompt_ids`). The request body is read and parsed by hand (not by FastAPI's body
+(:func:`medtrain.generation.prompt_ids`), with the request's ``tools`` and tool-call history rendered as training
+renders them; calls in the answer are parsed (:func:`medtrain.tools.parse_tool_calls`) into ``message.tool_calls``
+(streamed: content up to where a call can start, then each call whole; :class:`_CallHolder`). The request body is read and parsed by hand (not by FastAPI's body
 binding) so that an oversized body is refused before it is all read and every error is a 400 in OpenAI's shape.
 """
 
@@ -21,13 +23,15 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from .errors import UserError
-from .serving import Engine, Event, QueueFull, Request, SamplingParams
+from .serving import Engine, Event, QueueFull, Request, SamplingParams, _stop_prefix_hold
+from .tools import parse_tool_calls, tool_format_of
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+TOOL_CHOICES = ("auto", "none")
 
 
 class ApiError(Exception):
@@ -51,11 +55,25 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(min_length=1)
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends a JSON string; an object is taken as well
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool results (accepted; the chat formats do not render it, as in training)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -65,6 +83,19 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class FunctionSchema(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionSchema
 
 
 class ChatCompletionRequest(BaseModel):
@@ -84,7 +115,9 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logprobs: bool | None = None
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Any = None  # "auto" / "none" (checked in parse_request: the refused kinds get their own message)
+    parallel_tool_calls: bool | None = None  # accepted: the model may write several calls, all are returned
     # extensions (as in vLLM): sent with the openai client's extra_body
     ignore_eos: bool = False
     repetition_penalty: float = Field(default=1.0, gt=0)
@@ -99,6 +132,14 @@ class ChatCompletionRequest(BaseModel):
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
+
+    # The tool schemas exactly as the client sent them (key order included: they are rendered into the prompt as
+    # JSON, as training renders a record's tools), in training's shape {"type": "function", "function": {...}}.
+    _offered: list[dict] | None = PrivateAttr(default=None)
+
+    def offered_tools(self) -> list[dict] | None:
+        """The tools rendered into the prompt: none when ``tool_choice`` is "none" (the model is not offered them)."""
+        return None if self.tool_choice == "none" else self._offered
 
 
 def _field_path(loc: tuple) -> str:
@@ -136,28 +177,84 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
                        param="presence_penalty" if request.presence_penalty else "frequency_penalty")
     if request.logprobs:
         raise ApiError(400, "logprobs are not supported", param="logprobs")
+    check_tool_choice(request)
     if request.tools:
-        # Hook for tool calling: render `tools` into the prompt and parse `tool_calls` out of the answer once the
-        # project's tool-call format exists (issue 24); until then say so instead of ignoring the tools.
-        raise ApiError(400, "tools are not supported by this server yet", param="tools")
+        request._offered = [{"type": "function", "function": tool["function"]} for tool in data["tools"]]
     check_roles(request.messages)
     return request
 
 
+def check_tool_choice(request: ChatCompletionRequest) -> None:
+    """``auto`` (the default with tools) and ``none``; "required" and a named function would need constrained
+    decoding, which this server does not do: refused rather than silently not enforced."""
+    choice = request.tool_choice
+    if choice is None or choice in TOOL_CHOICES:
+        if choice == "auto" and not request.tools:
+            raise ApiError(400, "tool_choice: 'auto' is only allowed when tools are given", param="tool_choice")
+        return
+    if choice == "required" or isinstance(choice, dict):
+        raise ApiError(400, f"tool_choice: {json.dumps(choice)} is not supported (this server does not force tool "
+                       "calls); use 'auto' or 'none'", param="tool_choice")
+    raise ApiError(400, f"tool_choice: expected 'auto' or 'none', got {choice!r}", param="tool_choice")
+
+
+def training_messages(messages: list[ChatMessage]) -> list[dict]:
+    """The messages in the shape training's data loader gives the chat format (medtrain.formats): tool calls as
+    ``{"type": "function", "function": {"name", "arguments": dict}}``, tool results as ``{"role": "tool",
+    "content"}``. Arguments that are not a JSON object are a 400 naming the field."""
+    out = []
+    for i, message in enumerate(messages):
+        converted: dict = {"role": message.role, "content": message.text()}
+        if message.tool_calls:
+            calls = []
+            for j, call in enumerate(message.tool_calls):
+                field = f"messages[{i}].tool_calls[{j}].function.arguments"
+                arguments = call.function.arguments
+                if isinstance(arguments, str):
+                    try:
+                        arguments = json.loads(arguments) if arguments.strip() else {}
+                    except ValueError as err:
+                        raise ApiError(400, f"{field}: invalid JSON ({err})", param=field) from None
+                if not isinstance(arguments, dict):
+                    raise ApiError(400, f"{field}: expected a JSON object, got {type(arguments).__name__}",
+                                   param=field)
+                calls.append({"type": "function", "function": {"name": call.function.name, "arguments": arguments}})
+            converted["tool_calls"] = calls
+        out.append(converted)
+    return out
+
+
 def check_roles(messages: list[ChatMessage]) -> None:
-    """An optional leading system message, then user/assistant alternating from user, ending with user."""
+    """An optional leading system message, then user/assistant alternating from user, ending with user or tool
+    results; an assistant turn with ``tool_calls`` is followed by one or more ``tool`` results, then the assistant
+    (the order training accepts, medtrain.formats)."""
     start = 1 if messages[0].role == "system" else 0
     if start == len(messages):
         raise ApiError(400, "messages: the conversation has no user message", param="messages")
+    previous = None
     for i in range(start, len(messages)):
-        expected = "user" if (i - start) % 2 == 0 else "assistant"
-        if messages[i].role != expected:
-            raise ApiError(400, f"messages[{i}].role: expected {expected!r}, got {messages[i].role!r} (after an "
-                           "optional leading system message, roles alternate user/assistant starting with user, "
-                           "and the last message is the user's)", param=f"messages[{i}].role")
-    if messages[-1].role != "user":
-        raise ApiError(400, f"messages[{len(messages) - 1}].role: the last message must be the user's",
-                       param=f"messages[{len(messages) - 1}].role")
+        message = messages[i]
+        if message.tool_calls and message.role != "assistant":
+            raise ApiError(400, f"messages[{i}].tool_calls: only assistant messages call tools",
+                           param=f"messages[{i}].tool_calls")
+        if previous is None:
+            allowed = ("user",)
+        elif previous.role == "assistant":
+            allowed = ("tool",) if previous.tool_calls else ("user",)
+        elif previous.role == "tool":
+            allowed = ("tool", "assistant")
+        else:
+            allowed = ("assistant",)
+        if message.role not in allowed:
+            expected = " or ".join(repr(role) for role in allowed)
+            raise ApiError(400, f"messages[{i}].role: expected {expected}, got {message.role!r} (after an "
+                           "optional leading system message, roles alternate user/assistant starting with user, an "
+                           "assistant message with tool_calls is followed by its tool results, and the last message "
+                           "is the user's or a tool result)", param=f"messages[{i}].role")
+        previous = message
+    if messages[-1].role not in ("user", "tool"):
+        raise ApiError(400, f"messages[{len(messages) - 1}].role: the last message must be the user's or a tool "
+                       "result", param=f"messages[{len(messages) - 1}].role")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -229,9 +326,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                            param="model", code="model_not_found")
         if body.n > engine.max_batch_size:
             raise ApiError(400, f"n: at most {engine.max_batch_size} (--max_batch_size)", param="n")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = training_messages(body.messages)
         try:
-            ids = await run_in_threadpool(engine.prompt_ids, messages)
+            ids = await run_in_threadpool(engine.prompt_ids, messages, body.offered_tools())
         except UserError as err:  # the chat format refuses the conversation (DataError names the field)
             raise ApiError(400, str(err), param=getattr(err, "field", None) or "messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -280,6 +377,53 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     return app
 
 
+def _openai_calls(calls: list[dict]) -> list[dict]:
+    """Parsed calls (medtrain.tools.parse_tool_calls) as OpenAI's ``message.tool_calls``: arguments as JSON text."""
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+            for call in calls]
+
+
+def _finish_reason(reason: str | None, calls: list[dict]) -> str | None:
+    """``tool_calls`` when the model ended its turn with calls; an answer cut by max_tokens stays ``length``."""
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
+class _CallHolder:
+    """One streamed choice while tools are offered: its text goes out as content up to where a call could start
+    (the tool format's ``call_starts``; a possible partial start at the end is held back), everything after that is
+    held until the answer ends, then split by ``parse_tool_calls`` into the content still unsent and the calls.
+    What was sent is always a prefix of the parsed content, so the streamed content equals the non-streamed one."""
+
+    def __init__(self, chat_format: Any):
+        self.chat_format = chat_format
+        self.starts = tool_format_of(chat_format).call_starts
+        self.text = self.sent = ""
+        self.holding = False
+
+    def feed(self, delta: str) -> str:
+        """The content to send now for this new text."""
+        self.text += delta
+        if self.holding:
+            return ""
+        cuts = [self.text.find(start) for start in self.starts if start in self.text]
+        if cuts:
+            self.holding = True
+            safe = self.text[:min(cuts)].rstrip()
+        else:
+            safe = self.text[:len(self.text) - _stop_prefix_hold(self.text, self.starts)].rstrip()
+        if len(safe) > len(self.sent) and safe.startswith(self.sent):
+            delta, self.sent = safe[len(self.sent):], safe
+            return delta
+        return ""
+
+    def finish(self) -> tuple[str, list[dict]]:
+        """``(content not yet sent, calls)`` of the whole answer."""
+        content, calls = parse_tool_calls(self.text, self.chat_format)
+        content = content if calls else self.text.strip()  # no call: the whole answer is content (as non-streamed)
+        return (content[len(self.sent):] if content.startswith(self.sent) else ""), calls
+
+
 def _usage(job: Request, token_ids: list[list[int]]) -> dict:
     completion = sum(len(ids) for ids in token_ids)
     return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": completion,
@@ -319,9 +463,14 @@ async def _complete(engine: Engine, job: Request, events: asyncio.Queue, http: H
         return JSONResponse({}, status_code=499)  # nobody reads it
     result = result_task.result()
     choices = []
+    tools = body.offered_tools()
     for i in range(job.n):
-        choice = {"index": i, "message": {"role": "assistant", "content": result["texts"][i]},
-                  "logprobs": None, "finish_reason": result["reasons"][i]}
+        text, reason = result["texts"][i], result["reasons"][i]
+        message = {"role": "assistant", "content": text}
+        content, calls = parse_tool_calls(text, engine.chat_format) if tools else (text, [])
+        if calls:  # as OpenAI: content is the text before the calls, null when there is none
+            message = {"role": "assistant", "content": content or None, "tool_calls": _openai_calls(calls)}
+        choice = {"index": i, "message": message, "logprobs": None, "finish_reason": _finish_reason(reason, calls)}
         if body.return_token_ids:
             choice["token_ids"] = result["token_ids"][i]
         choices.append(choice)
@@ -346,7 +495,11 @@ async def _stream(engine: Engine, job: Request, events: asyncio.Queue, completio
                      "choices": choices, **extra})
 
     token_ids: list[list[int]] = [[] for _ in range(job.n)]
+    holders = [_CallHolder(engine.chat_format) for _ in range(job.n)] if body.offered_tools() else None
     finished = False
+
+    def content(index: int, text: str) -> str:
+        return chunk([{"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
     try:
         first = {"prompt_token_ids": job.prompt_ids} if body.return_token_ids else {}
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -354,11 +507,21 @@ async def _stream(engine: Engine, job: Request, events: asyncio.Queue, completio
         while True:
             event = await events.get()
             if event.kind == "delta":
-                yield chunk([{"index": event.index, "delta": {"content": event.text}, "logprobs": None,
-                              "finish_reason": None}])
+                text = holders[event.index].feed(event.text) if holders else event.text
+                if text:
+                    yield content(event.index, text)
             elif event.kind == "finish":
                 token_ids[event.index] = event.token_ids
-                last = {"index": event.index, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}
+                calls: list[dict] = []
+                if holders:  # the held text: the rest of the content, then each call whole in one delta
+                    rest, calls = holders[event.index].finish()
+                    if rest:
+                        yield content(event.index, rest)
+                    for k, call in enumerate(_openai_calls(calls)):
+                        yield chunk([{"index": event.index, "delta": {"tool_calls": [{"index": k, **call}]},
+                                      "logprobs": None, "finish_reason": None}])
+                last = {"index": event.index, "delta": {}, "logprobs": None,
+                        "finish_reason": _finish_reason(event.finish_reason, calls)}
                 if body.return_token_ids:
                     last["token_ids"] = event.token_ids
                 yield chunk([last])

@@ -217,10 +217,11 @@ class Engine:
 
     # ---- client side -----------------------------------------------------------------------------------------
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """``messages`` as the token ids training fed the model (:func:`medtrain.generation.prompt_ids`)."""
+    def prompt_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
+        """``messages`` (offered ``tools``) as the token ids training fed the model
+        (:func:`medtrain.generation.prompt_ids`)."""
         with self.tokenizer_lock:
-            return prompt_ids(self.tokenizer, self.chat_format, messages)
+            return prompt_ids(self.tokenizer, self.chat_format, messages, tools)
 
     def submit(self, request: Request) -> Request:
         if request.n > self.max_batch_size:

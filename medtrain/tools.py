@@ -54,6 +54,9 @@ class ToolFormat:
     results_text: Callable[[list[str]], str]  # consecutive tool results, as one turn's text
     parse: Callable[[str], tuple[str, list[dict]]]
     reference: str = ""
+    # Texts a call can start with: a streaming server sends the answer as content up to the first of them and holds
+    # the rest until the answer ends and ``parse`` has split it ("" = a call may be the whole reply: hold it all).
+    call_starts: tuple[str, ...] = ("",)
 
 
 def _json_objects(text: str) -> list[tuple[int, int, Any]]:
@@ -211,14 +214,17 @@ def _joined(wrap: str) -> Callable[[list[str]], str]:
 
 TOOL_FORMATS: dict[str, ToolFormat] = {
     "default": ToolFormat("default", _default_tools, _default_calls, _joined("Observation: {content}"), _default_parse,
-                          "medtrain's own (for models without a tool format): Action / Action Input blocks"),
+                          "medtrain's own (for models without a tool format): Action / Action Input blocks",
+                          call_starts=("Action:",)),
     "qwen": ToolFormat("qwen", _qwen_tools, _qwen_calls, _joined("<tool_response>\n{content}\n</tool_response>"),
-                       _qwen_parse, "Qwen/Qwen2.5-7B-Instruct chat_template"),
+                       _qwen_parse, "Qwen/Qwen2.5-7B-Instruct chat_template", call_starts=("<tool_call>",)),
     "llama3": ToolFormat("llama3", _llama3_tools, _llama3_calls, _joined("{content}"),
                          lambda text: _json_calls_parse(text, "parameters"),
-                         "meta-llama/Llama-3.1-8B-Instruct chat_template (JSON tool calling); LLaMA-Factory llama3"),
+                         "meta-llama/Llama-3.1-8B-Instruct chat_template (JSON tool calling); LLaMA-Factory llama3",
+                         call_starts=("{", "[")),
     "mistral": ToolFormat("mistral", _mistral_tools, _mistral_calls, _joined('{{"content": {content}}}'),
-                          _mistral_parse, "mistral-common v3 tokenizer; LLaMA-Factory mistral"),
+                          _mistral_parse, "mistral-common v3 tokenizer; LLaMA-Factory mistral",
+                          call_starts=("[TOOL_CALLS]",)),
     "glm4": ToolFormat("glm4", _glm4_tools, _glm4_calls, _joined("{content}"), _glm4_parse,
                        "THUDM/glm-4-9b-chat chat_template; LLaMA-Factory glm4"),
 }

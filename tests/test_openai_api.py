@@ -2,7 +2,9 @@
 loopback port: answers equal inference.py's, streams add up to them, a 3-turn history is fed to the model as the
 exact token ids SFT trained on, stop strings / max_tokens / n / seed behave as OpenAI documents, 32 concurrent
 requests are batched and all answered, a client that disconnects mid-stream frees its slot, a full queue answers
-429, and every malformed request gets its status and a message naming the field while the server keeps serving."""
+429, and every malformed request gets its status and a message naming the field while the server keeps serving.
+Tools: a request with tools and tool-call history is fed as training's ids; answers with calls (from a scripted
+model under the real Engine) come back as OpenAI tool_calls, streamed and not."""
 
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ from medtrain.chat_format import get_chat_format, save_chat_format
 from medtrain.data import tokenize_conversations
 from medtrain.entrypoint import run_main
 from medtrain.generation import generate_responses, prompt_ids
-from medtrain.openai_server import create_app
-from medtrain.serving import ServeArguments, load_engine
+from medtrain.openai_server import _CallHolder, create_app
+from medtrain.serving import Engine, ServeArguments, load_engine
 from medtrain.tokenization import IGNORE_INDEX
+from medtrain.tools import TOOL_FORMATS, parse_tool_calls
 
 KEY = "test-key-123"
 SYSTEM = "You are a careful doctor."
@@ -47,9 +50,10 @@ def one_thread():
 class LiveServer:
     """The API app under uvicorn in a thread, on a free loopback port (port 0: the OS picks)."""
 
-    def __init__(self, model_dir: Path, name: str = "tiny", api_key: str | None = KEY, **engine_flags):
+    def __init__(self, model_dir: Path, name: str = "tiny", api_key: str | None = KEY, engine: Engine | None = None,
+                 **engine_flags):
         args = ServeArguments(model_name_or_path=str(model_dir), **engine_flags)
-        self.engine, self.info = load_engine(args)
+        self.engine, self.info = (engine, {}) if engine else load_engine(args)
         self.name = name
         app = create_app(self.engine, name, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
                          max_request_bytes=4096, info=self.info)
@@ -160,11 +164,11 @@ def test_raw_stream_is_server_sent_events_ending_with_done(server):
     json.loads(events[-2][6:])  # every other event is one JSON chunk
 
 
-def training_prompt_ids(tokenizer, chat_format, conversation: list[dict]) -> list[int]:
+def training_prompt_ids(tokenizer, chat_format, conversation: list[dict], tools: list | None = None) -> list[int]:
     """SFT's own encoding of ``conversation`` (medtrain.data.tokenize_conversations), cut before the last answer's
     supervised tokens: what the model saw in training right before it had to produce that answer."""
-    dataset = tokenize_conversations([{"messages": conversation, "source": "test"}], tokenizer, chat_format,
-                                     max_length=4096, train_on_inputs=False)
+    dataset = tokenize_conversations([{"messages": conversation, "source": "test", "tools": tools}], tokenizer,
+                                     chat_format, max_length=4096, train_on_inputs=False)
     input_ids, labels = dataset[0]["input_ids"], dataset[0]["labels"]
     start = len(labels)
     while start > 0 and labels[start - 1] != IGNORE_INDEX:
@@ -357,13 +361,13 @@ BAD_REQUESTS = [
     ("empty messages", {"model": "tiny", "messages": []}, None, 400, "messages: List should have at least 1",
      "messages"),
     ("unknown role", {"model": "tiny", "messages": _messages("doctor")}, None, 400,
-     "messages[0].role: Input should be 'system', 'user' or 'assistant' (got 'doctor')", "messages[0].role"),
+     "messages[0].role: Input should be 'system', 'user', 'assistant' or 'tool' (got 'doctor')", "messages[0].role"),
     ("content not text", {"model": "tiny", "messages": [{"role": "user", "content": 5}]}, None, 400,
      "messages[0].content", "messages[0].content"),
     ("roles out of order", {"model": "tiny", "messages": _messages() + _messages()}, None, 400,
      "messages[1].role: expected 'assistant', got 'user'", "messages[1].role"),
     ("ends with the assistant", {"model": "tiny", "messages": _messages() + _messages("assistant")}, None, 400,
-     "messages[1].role: the last message must be the user's", "messages[1].role"),
+     "messages[1].role: the last message must be the user's or a tool result", "messages[1].role"),
     ("negative max_tokens", {"model": "tiny", "messages": _messages(), "max_tokens": -5}, None, 400,
      "max_tokens: Input should be greater than or equal to 1 (got -5)", "max_tokens"),
     ("max_tokens over the cap", {"model": "tiny", "messages": _messages(), "max_tokens": 100000}, None, 400,
@@ -374,8 +378,8 @@ BAD_REQUESTS = [
      "stop: Value error, at most 4 stop sequences", "stop"),
     ("n over the batch size", {"model": "tiny", "messages": _messages(), "n": 9}, None, 400,
      "n: at most 8 (--max_batch_size)", "n"),
-    ("tools before tool calling exists", {"model": "tiny", "messages": _messages(), "tools": [{"type": "function"}]},
-     None, 400, "tools are not supported", "tools"),
+    ("tool without a function", {"model": "tiny", "messages": _messages(), "tools": [{"type": "function"}]},
+     None, 400, "tools[0].function: Field required", "tools[0].function"),
     ("prompt longer than the context", {"model": "tiny", "messages": _messages() and
                                         [{"role": "user", "content": "fever " * 600}]}, None, 400,
      "maximum context length is 512 tokens", "messages"),
@@ -389,6 +393,27 @@ BAD_REQUESTS = [
      "missing or incorrect API key", None),
     ("wrong API key", {"model": "tiny", "messages": _messages()}, {"Authorization": "Bearer nope"}, 401,
      "missing or incorrect API key", None),
+    ("tool without a name", {"model": "tiny", "messages": _messages(),
+                             "tools": [{"type": "function", "function": {"description": "weather"}}]}, None, 400,
+     "tools[0].function.name: Field required", "tools[0].function.name"),
+    ("tool of another type", {"model": "tiny", "messages": _messages(),
+                              "tools": [{"type": "retrieval", "function": {"name": "f"}}]}, None, 400,
+     "tools[0].type: Input should be 'function'", "tools[0].type"),
+    ("tool_choice required", {"model": "tiny", "messages": _messages(), "tools": [{"type": "function", "function":
+                              {"name": "f"}}], "tool_choice": "required"}, None, 400,
+     'tool_choice: "required" is not supported', "tool_choice"),
+    ("tool_choice auto without tools", {"model": "tiny", "messages": _messages(), "tool_choice": "auto"}, None, 400,
+     "tool_choice: 'auto' is only allowed when tools are given", "tool_choice"),
+    ("call arguments not JSON", {"model": "tiny", "messages": _messages() + [
+        {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                                              "function": {"name": "f", "arguments": "{city"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "ok"}]}, None, 400,
+     "messages[1].tool_calls[0].function.arguments: invalid JSON", "messages[1].tool_calls[0].function.arguments"),
+    ("tool result without a call", {"model": "tiny", "messages": _messages() + _messages("tool")}, None, 400,
+     "messages[1].role: expected 'assistant', got 'tool'", "messages[1].role"),
+    ("call not followed by its result", {"model": "tiny", "messages": _messages() + [
+        {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}] + _messages()},
+     None, 400, "messages[2].role: expected 'tool', got 'user'", "messages[2].role"),
 ]
 
 
@@ -460,3 +485,197 @@ def test_bad_flags_exit_2_naming_them(tiny_chat_model_dir, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--max_batch_size must be >= 1, got 0." in err and "--max_queue_size must be >= 1, got 0." in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tool calls
+
+WEATHER = {"type": "function", "function": {  # small: the tiny tokenizer spends a token on almost every character
+    "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+# An OpenAI client's history: a call (arguments as JSON text), its result, the answer, a new question.
+TOOL_HISTORY = [
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'},
+    {"role": "assistant", "content": "It is 21 C in Paris."},
+    {"role": "user", "content": "And in Rome?"},
+]
+# The same conversation as a training record holds it (medtrain.formats): arguments parsed, no call ids.
+TRAINED_HISTORY = [
+    TOOL_HISTORY[0], TOOL_HISTORY[1],
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": '{"temp_c": 21}'},
+    TOOL_HISTORY[4], TOOL_HISTORY[5],
+]
+
+
+@pytest.mark.parametrize("ending", ["user", "tool"])
+def test_tools_and_tool_history_reach_the_model_as_training_tokenised_them(server, ending):
+    history, trained = list(TOOL_HISTORY), list(TRAINED_HISTORY)
+    if ending == "tool":  # the model answers a tool result
+        history, trained = history[:4], trained[:4]
+    response = chat(server, history, tools=[WEATHER], max_tokens=3, temperature=0,
+                    extra_body={"return_token_ids": True})
+    sent = response.model_extra["prompt_token_ids"]
+    tokenizer, chat_format = server.engine.tokenizer, server.engine.chat_format
+    assert sent == training_prompt_ids(tokenizer, chat_format, trained + [{"role": "assistant", "content": "Ok."}],
+                                       tools=[WEATHER])
+    text = tokenizer.decode(sent, skip_special_tokens=False)
+    # the tiny ChatML template has no tool support: the default tool format writes tools, calls and results as text
+    assert json.dumps(WEATHER["function"]) in text
+    assert 'Action: get_weather\nAction Input: {"city": "Paris"}<|im_end|>' in text
+    assert '<|im_start|>user\nObservation: {"temp_c": 21}<|im_end|>' in text
+    # tool_choice "none": the model is not offered the tools (the prompt is training's rendering without them)
+    response = chat(server, history, tools=[WEATHER], tool_choice="none", max_tokens=3, temperature=0,
+                    extra_body={"return_token_ids": True})
+    assert response.model_extra["prompt_token_ids"] == training_prompt_ids(
+        tokenizer, chat_format, trained + [{"role": "assistant", "content": "Ok."}])
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for the model under a real Engine: "generates" ``script`` token by token through the engine's own
+    stopping criteria (the tracker that streams text, stops rows and finishes them), so an answer with tool calls
+    is deterministic while everything from the HTTP request to the streamed chunks is the production path."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the engine reads the device from the parameters
+        self.script: list[int] = []
+
+    def generate(self, input_ids, attention_mask, generation_config, stopping_criteria):
+        for token in self.script:
+            input_ids = torch.cat([input_ids, torch.full((input_ids.shape[0], 1), token)], dim=1)
+            if stopping_criteria(input_ids, None).all():
+                break
+        return input_ids
+
+
+@pytest.fixture(scope="module")
+def scripted(tiny_chat_model_dir):
+    """Servers whose model answers a set text: one per chat format (the tokenizer's ChatML, which writes calls in
+    the default Action format, and the registered qwen template with <tool_call> blocks)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model_dir, padding_side="left")
+    config = AutoConfig.from_pretrained(tiny_chat_model_dir, max_position_embeddings=4096)  # room for qwen's prompt
+    servers = {}
+    for template in (None, "qwen"):
+        model = ScriptedModel(config)
+        engine = Engine(model, tokenizer, get_chat_format(tokenizer, template, None), max_batch_size=2)
+        servers[template or "chatml"] = (LiveServer(tiny_chat_model_dir, engine=engine), model)
+    yield servers
+    for live, _ in servers.values():
+        live.close()
+
+
+def say(scripted, fmt: str, answer: str) -> LiveServer:
+    live, model = scripted[fmt]
+    model.script = live.engine.tokenizer.encode(answer, add_special_tokens=False) + [live.engine.stop_ids[0]]
+    return live
+
+
+def streamed(live: LiveServer, **kwargs) -> tuple[list[str], dict, str]:
+    """Content deltas, tool calls put together from their deltas (by index), finish reason of one streamed answer."""
+    contents, calls, reason = [], {}, None
+    for chunk in chat(live, [{"role": "user", "content": "Weather in Rome?"}], stream=True, **kwargs):
+        delta = chunk.choices[0].delta
+        if delta.content:
+            contents.append(delta.content)
+        for call in delta.tool_calls or []:
+            entry = calls.setdefault(call.index, {"id": None, "name": "", "arguments": ""})
+            entry["id"] = call.id or entry["id"]
+            entry["name"] += call.function.name or ""
+            entry["arguments"] += call.function.arguments or ""
+            assert call.type in (None, "function")
+        reason = chunk.choices[0].finish_reason or reason
+    return contents, calls, reason
+
+
+CALLS = {
+    "chatml": 'Let me check.\nAction: get_weather\nAction Input: {"city": "Rome"}\n'
+              'Action: get_time\nAction Input: {}',
+    "qwen": 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
+}
+
+
+@pytest.mark.parametrize("fmt", ["chatml", "qwen"])
+def test_generated_tool_calls_come_back_as_openai_tool_calls(scripted, fmt):
+    live = say(scripted, fmt, CALLS[fmt])
+    question = [{"role": "user", "content": "Weather in Rome?"}]
+    choice = chat(live, question, tools=[WEATHER, CLOCK], temperature=0).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me check."
+    calls = choice.message.tool_calls
+    assert [(c.type, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("function", "get_weather", {"city": "Rome"}), ("function", "get_time", {})]
+    assert calls[0].function.arguments == '{"city": "Rome"}'  # JSON text, as OpenAI sends it
+    assert all(c.id.startswith("call_") for c in calls) and calls[0].id != calls[1].id
+    # streamed: the content before the calls arrives as content (never the call text), then each call whole
+    contents, streamed_calls, reason = streamed(live, tools=[WEATHER, CLOCK], temperature=0)
+    assert "".join(contents) == "Let me check."
+    assert reason == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for c in streamed_calls.values()] == [
+        ("get_weather", {"city": "Rome"}), ("get_time", {})]
+    assert all(c["id"].startswith("call_") for c in streamed_calls.values())
+    # the calls feed straight back into the next request (the client's usual loop)
+    history = question + [choice.message.model_dump(exclude_none=True),
+                          {"role": "tool", "tool_call_id": calls[0].id, "content": "18 C"},
+                          {"role": "tool", "tool_call_id": calls[1].id, "content": "12:00"}]
+    live = say(scripted, fmt, "It is 18 C at noon.")
+    answer = chat(live, history, tools=[WEATHER, CLOCK], temperature=0).choices[0]
+    assert (answer.message.content, answer.message.tool_calls, answer.finish_reason) == (
+        "It is 18 C at noon.", None, "stop")
+
+
+@pytest.mark.parametrize("fmt, answer", [
+    ("chatml", "Action: get_weather\nAction Input: not json"),  # a malformed call is content, never guessed at
+    ("qwen", "I cannot <tool_call> that."),
+    ("chatml", "No tool is needed: rest and drink water."),
+])
+def test_answers_without_a_well_formed_call_are_content(scripted, fmt, answer):
+    live = say(scripted, fmt, answer)
+    choice = chat(live, [{"role": "user", "content": "Weather in Rome?"}], tools=[WEATHER], temperature=0).choices[0]
+    assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == (answer, None, "stop")
+    contents, calls, reason = streamed(live, tools=[WEATHER], temperature=0)
+    assert ("".join(contents), calls, reason) == (answer, {}, "stop")
+
+
+def test_tool_choice_none_and_no_tools_leave_the_answer_as_text(scripted):
+    live = say(scripted, "qwen", CALLS["qwen"])
+    for kwargs in ({"tools": [WEATHER, CLOCK], "tool_choice": "none"}, {}):
+        choice = chat(live, [{"role": "user", "content": "Weather in Rome?"}], temperature=0, **kwargs).choices[0]
+        assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == (
+            CALLS["qwen"], None, "stop")
+        contents, calls, reason = streamed(live, temperature=0, **kwargs)
+        assert ("".join(contents), calls, reason) == (CALLS["qwen"], {}, "stop")
+
+
+def test_a_call_cut_by_max_tokens_stays_length(scripted):
+    live = say(scripted, "qwen", CALLS["qwen"])
+    choice = chat(live, [{"role": "user", "content": "Weather in Rome?"}], tools=[WEATHER], temperature=0,
+                  max_tokens=8).choices[0]
+    assert choice.finish_reason == "length" and choice.message.tool_calls is None
+    assert CALLS["qwen"].startswith(choice.message.content)
+
+
+@pytest.mark.parametrize("name", sorted(TOOL_FORMATS))
+def test_streaming_holds_every_tool_format_from_where_its_calls_start(name):
+    """Fed a character at a time, the stream never sends call text as content, and content sent + the rest held
+    equals the non-streamed split (each format's ``call_starts`` matches what its ``calls_text`` writes)."""
+    fmt = TOOL_FORMATS[name]
+    prefix = "" if name == "glm4" else "Sure, I will check.\n"  # glm4's call is the whole reply
+    text = prefix + fmt.calls_text([{"type": "function", "function": {"name": "get_weather",
+                                                                       "arguments": {"city": "Rome"}}}])
+    holder = _CallHolder(name)
+    sent = "".join(holder.feed(char) for char in text)
+    rest, calls = holder.finish()
+    content, expected = parse_tool_calls(text, name)
+    assert calls == expected == [{"name": "get_weather", "arguments": {"city": "Rome"}}]
+    assert sent + rest == content == prefix.strip()
+    assert "get_weather" not in sent
