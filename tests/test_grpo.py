@@ -220,3 +220,11 @@ def test_grpo_rewards_logged_weighted_rising_and_kill9_resume(tmp_path):
                 "--output_dir", str(tmp_path / "merged")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_sample_questions_load():
+    from conftest import ROOT
+
+    rows = load_questions([str(ROOT / "data" / "grpo" / "medical_questions.jsonl")])
+    kinds = [r["answer_type"] for r in rows]
+    assert len(rows) == 16 and kinds.count("choice") == 7 and kinds.count("math") == 7 and kinds.count("text") == 2
