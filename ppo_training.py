@@ -4,6 +4,10 @@
         --train_file_dir data/sft --output_dir outputs-ppo --max_steps 20
     python ppo_training.py --rl_algo rloo ...   # TRL RLOOTrainer with the same reward model and prompts
 
+``--rl_algo grpo`` is kept for existing command lines; it builds its trainer with medtrain.grpo.build_grpo_trainer,
+the one grpo_training.py uses, which also combines the reward model with rule-based rewards
+(``grpo_training.py --reward_funcs reward_model accuracy ...``, see docs/alignment.md).
+
 Prompts are the user turns (with history and system prompt) of SFT/preference/prompt files, rendered with the
 chat format the policy was trained with. The reward model must share the policy's vocabulary and chat format
 (checked). With LoRA the reference policy is the same base with the adapter disabled (no second copy).
