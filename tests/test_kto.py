@@ -99,7 +99,7 @@ def test_kto_lora_margin_rises_weights_balanced_and_merges(tiny_chat_model_dir, 
     trainer = kto_training.main(["--model_name_or_path", str(tiny_chat_model_dir), "--train_file_dir", data,
                                  "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "4",
                                  "--learning_rate", "1e-2", "--logging_steps", "1", "--validation_split_percentage", "0",
-                                 "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True"])
+                                 "--report_to", "none", "--save_steps", "4", "--disable_tqdm", "True"])
     # 8 desirable, 4 undesirable: the undesirable class is weighted 2.0 so that 8 * 1.0 == 4 * 2.0
     assert (trainer.args.desirable_weight, trainer.args.undesirable_weight) == (1.0, 2.0)
     steps = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
@@ -112,6 +112,16 @@ def test_kto_lora_margin_rises_weights_balanced_and_merges(tiny_chat_model_dir, 
     assert chosen[-1] > 0.3 and margins[-1] > margins[0] + 0.3
     assert [e["rewards/rejected"] for e in steps if "rewards/rejected" in e][-1] < 0
     assert all("kl" in e for e in steps)
+    # resuming from checkpoint-4 reproduces steps 5 and 6 (same batches, same KL completions)
+    resumed = tmp_path / "resumed"
+    kto_training.main(["--model_name_or_path", str(tiny_chat_model_dir), "--train_file_dir", data,
+                       "--output_dir", str(resumed), "--max_steps", "6", "--per_device_train_batch_size", "4",
+                       "--learning_rate", "1e-2", "--logging_steps", "1", "--validation_split_percentage", "0",
+                       "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True",
+                       "--resume_from_checkpoint", str(out / "checkpoint-4")])
+    again = {e["step"]: e for e in json.loads((resumed / "trainer_state.json").read_text())["log_history"] if "loss" in e}
+    for step in (5, 6):
+        assert abs(again[step]["loss"] - steps[step - 1]["loss"]) < 1e-5 and abs(again[step]["kl"] - steps[step - 1]["kl"]) < 1e-5 * max(1.0, steps[step - 1]["kl"])
     assert json.loads((out / "medtrain_chat_format.json").read_text())["kind"] == "tokenizer"
     assert not (out / "ref").exists()  # fresh adapter: no reference adapter saved
     merge_peft_adapter.main(["--base_model", str(tiny_chat_model_dir), "--lora_model", str(out),

@@ -58,9 +58,20 @@ def test_orpo_lora_loss_falls_and_the_adapter_merges(tiny_chat_model_dir, tmp_pa
     orpo_training.main(["--model_name_or_path", str(tiny_chat_model_dir), "--train_file_dir", str(data),
                         "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "4",
                         "--learning_rate", "1e-2", "--logging_steps", "1", "--validation_split_percentage", "20",
-                        "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True"])
+                        "--report_to", "none", "--save_steps", "4", "--disable_tqdm", "True"])
     steps = [e for e in logged(out) if "loss" in e]
     assert len(steps) == 6 and steps[-1]["loss"] < steps[0]["loss"] - 0.2  # measured 6.09 -> 5.59
+    # resuming from checkpoint-4 (complete: marked) reproduces steps 5 and 6
+    assert (out / "checkpoint-4" / "COMPLETE").is_file()
+    resumed = tmp_path / "resumed"
+    orpo_training.main(["--model_name_or_path", str(tiny_chat_model_dir), "--train_file_dir", str(data),
+                        "--output_dir", str(resumed), "--max_steps", "6", "--per_device_train_batch_size", "4",
+                        "--learning_rate", "1e-2", "--logging_steps", "1", "--validation_split_percentage", "20",
+                        "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True",
+                        "--resume_from_checkpoint", str(out / "checkpoint-4")])
+    again = {e["step"]: e["loss"] for e in logged(resumed) if "loss" in e}
+    assert sorted(again) == [1, 2, 3, 4, 5, 6]  # steps 1-4 come from the checkpoint's state
+    assert all(abs(again[s] - steps[s - 1]["loss"]) < 1e-5 for s in (5, 6)), (again, steps)
     assert all("log_odds_ratio" in e and "nll_loss" in e and e["nll_loss"] > 0 for e in steps)
     assert steps[-1]["rewards/margins"] > steps[0]["rewards/margins"]
     assert "eval_log_odds_ratio" in (out / "eval_results.json").read_text()
