@@ -45,7 +45,7 @@ def main(args: list[str] | None = None):
     model_args, lora_args, data_args, reward_args, run_args, training_args = parse_args(
         [ModelArguments, LoraArguments, DataArguments, GRPORewardArguments, RunArguments, GRPOConfig],
         args=args,
-        stage_defaults={"output_dir": "outputs-grpo", "learning_rate": 1e-6, "logging_steps": 1},
+        stage_defaults={"output_dir": "outputs-grpo", "logging_steps": 1},
     )
     check_arguments(model_args, lora_args, training_args)
     check_grpo_arguments(reward_args, training_args)

@@ -77,6 +77,7 @@ def main(args: list[str] | None = None):
 
     # Policy (+ LoRA adapter) and reference (the base with the adapter disabled, or a frozen copy)
     model = load_model(model_args, tokenizer=tokenizer)
+    # DPO's policy (DPOArguments(): no --ref_model_name_or_path for KTO): None with LoRA, else a frozen copy
     ref_model = load_reference_model(model, model_args, lora_args, DPOArguments(), training_args, tokenizer)
     if lora_args.use_peft:
         model = apply_lora(model, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)

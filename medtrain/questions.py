@@ -5,7 +5,8 @@ Supported layouts (one per file; each error names ``file:line: field``):
 - JSON / JSON Lines ``{"question", "answer"}`` (MedicalGPT's GRPO sample); ``prompt`` may stand for ``question``;
   optional ``system`` and ``answer_type`` (choice/math/text). A numeric answer (``46``) is read as text ``"46"``.
 - JSON / JSON Lines multiple choice: ``{"question", "options": [..] | {"A": .., ..}, "answer": "B"}``, or the
-  options as top-level letter keys ``{"question", "A", "B", "C", "D", "answer"}``.
+  options as top-level letter keys ``{"question", "A", "B", "C", "D", "answer"}``; the answer is a letter or a
+  0-based option index (``1`` = B), as in the evaluation stage's layout.
 - CSV with a header ``Question,A,B,C,D,Answer`` (CMMLU's layout; a leading index column is ignored; header names
   are matched case-insensitively).
 
@@ -74,9 +75,14 @@ def parse_question(record: Record, default_answer_type: str = "auto") -> dict:
     if "answer" not in data or data["answer"] is None:
         raise record.error("missing the reference answer: GRPO's accuracy reward compares completions with it",
                            "answer")
-    answer = _cell(data["answer"])
-    answer = _string(record, answer, "answer").strip()
     options = _options(record)
+    raw = data["answer"]
+    if options and isinstance(raw, int) and not isinstance(raw, bool):
+        # a 0-based option index, as the evaluation stage's multiple-choice layout allows
+        if not 0 <= raw < len(options):
+            raise record.error(f"option index {raw} is out of range (0 to {len(options) - 1})", "answer")
+        raw = LETTERS[raw]
+    answer = _string(record, _cell(raw), "answer").strip()
     answer_type = data.get("answer_type") or default_answer_type
     if answer_type not in ANSWER_TYPES + ["auto"]:
         raise record.error(f"expected one of {', '.join(ANSWER_TYPES)}, got {answer_type!r}", "answer_type")

@@ -103,17 +103,18 @@ def test_question_layouts(tmp_path):
                json.dumps({"question": "Name?", "answer": "Aspirin", "system": "Be brief."}) + "\n")
     mc = write(tmp_path / "mc.jsonl", json.dumps({"question": "Organ?", "options": ["Liver", "Pancreas"], "answer": "b"})
                + "\n" + json.dumps({"question": "Q?", "options": {"A": "x", "B": "y", "C": "z"}, "answer": "C"}) + "\n" +
-               json.dumps({"question": "Flat?", "A": "x", "B": "y", "answer": "A", "answer_type": "choice"}) + "\n")
+               json.dumps({"question": "Flat?", "A": "x", "B": "y", "answer": "A", "answer_type": "choice"}) + "\n" +
+               json.dumps({"question": "Index?", "options": ["x", "y", "z"], "answer": 1}) + "\n")
     csv = write(tmp_path / "exam.csv", ",Question,A,B,C,D,Answer\n0,女性生殖腺是,卵巢,前庭大腺,前庭球,乳腺,A\n"
                 '1,"two\nlines",a,b,c,d,C\n')
     rows = load_questions([qa, mc, csv])
     assert [(r["answer"], r["answer_type"], r["choices"]) for r in rows] == [
         ("4", "math", ""), ("Aspirin", "text", ""), ("B", "choice", "AB"), ("C", "choice", "ABC"),
-        ("A", "choice", "AB"), ("A", "choice", "ABCD"), ("C", "choice", "ABCD")]
+        ("A", "choice", "AB"), ("B", "choice", "ABC"), ("A", "choice", "ABCD"), ("C", "choice", "ABCD")]
     assert rows[1]["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name?"}]
     assert rows[2]["messages"] == [{"role": "user", "content": "Organ?\nA. Liver\nB. Pancreas"}]
-    assert rows[5]["messages"][0]["content"] == "女性生殖腺是\nA. 卵巢\nB. 前庭大腺\nC. 前庭球\nD. 乳腺"
-    assert [r["source"].rsplit(":", 1)[1] for r in rows[5:]] == ["2", "3"]  # a quoted newline: the row's first line
+    assert rows[6]["messages"][0]["content"] == "女性生殖腺是\nA. 卵巢\nB. 前庭大腺\nC. 前庭球\nD. 乳腺"
+    assert [r["source"].rsplit(":", 1)[1] for r in rows[6:]] == ["2", "3"]  # a quoted newline: the row's first line
     assert load_questions([qa], default_answer_type="text")[0]["answer_type"] == "text"
 
 
@@ -122,6 +123,7 @@ def test_question_layouts(tmp_path):
     ("q.jsonl", '{"question": "a", "answer": "b"}\n{"query": "x", "answer": "b"}\n', "q.jsonl:2: question: no 'question' field"),
     ("q.jsonl", '{"question": "a", "options": ["x", "y"], "answer": "C"}\n', "q.jsonl:1: answer: expected the letter of an option (A, B), got 'C'"),
     ("q.jsonl", '{"question": "a", "options": ["x"], "answer": "A"}\n', "q.jsonl:1: options: expected a list"),
+    ("q.jsonl", '{"question": "a", "options": ["x", "y"], "answer": 2}\n', "q.jsonl:1: answer: option index 2 is out of range (0 to 1)"),
     ("q.jsonl", '{"question": "a", "answer": "b", "answer_type": "essay"}\n', "q.jsonl:1: answer_type: expected one of choice, math, text"),
     ("q.jsonl", '{"question": "a", "answer": "b", "answer_type": "choice"}\n', "q.jsonl:1: options: answer_type choice needs options"),
     ("q.jsonl", '{"question": "a", "answer": ["b"]}\n', "q.jsonl:1: answer: expected a string, got list"),
