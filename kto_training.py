@@ -23,8 +23,15 @@ from medtrain.chat_format import resolve_chat_format, save_chat_format
 from medtrain.checkpoints import CompleteCheckpointCallback
 from medtrain.data import load_splits
 from medtrain.dpo import DPOArguments, evaluate_once, load_reference_model
-from medtrain.errors import ConfigError, run_main
-from medtrain.kto import KTOArguments, build_kto_trainer, class_weights, encode_kto_dataset, load_kto_examples
+from medtrain.errors import run_main
+from medtrain.kto import (
+    KTOArguments,
+    build_kto_trainer,
+    check_kto_arguments,
+    class_weights,
+    encode_kto_dataset,
+    load_kto_examples,
+)
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
 from medtrain.runtime import start_run, write_results
 
@@ -40,9 +47,7 @@ def main(args: list[str] | None = None):
         stage_defaults={"output_dir": "outputs-kto", "do_train": True, "do_eval": True, "max_length": None},
     )
     check_arguments(model_args, lora_args, training_args)
-    if training_args.max_length is not None and training_args.max_length != data_args.model_max_length:
-        raise ConfigError(f"--max_length {training_args.max_length} differs from --model_max_length "
-                          f"{data_args.model_max_length}: examples are fitted to --model_max_length (--truncation).")
+    check_kto_arguments(data_args, training_args)
     training_args.max_length = data_args.model_max_length
     # seeds before the LoRA adapter is built, so a run and its resume start from the same adapter
     resume = start_run(training_args, run_args.overwrite_output_dir)

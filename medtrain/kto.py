@@ -20,7 +20,7 @@ from typing import Any
 
 from trl import KTOTrainer
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .formats import iter_json_records, load_conversations, load_preferences
 from .preference import DPO_TRUNCATION_CHOICES, encode_pair
 
@@ -47,6 +47,20 @@ class KTOArguments:
                   "desirable_weight * n_desirable = undesirable_weight * n_undesirable (the lower end of the KTO "
                   "paper's recommended ratio [1, 4/3]). The weights used are logged."},
     )
+
+
+def check_kto_arguments(data_args: Any, training_args: Any) -> None:
+    """Flags KTOTrainer would refuse late (with a traceback) or ignore; all at once."""
+    problems = []
+    if training_args.max_length is not None and training_args.max_length != data_args.model_max_length:
+        problems.append(f"--max_length {training_args.max_length} differs from --model_max_length "
+                        f"{data_args.model_max_length}: examples are fitted to --model_max_length (--truncation).")
+    if training_args.loss_type == "kto" and training_args.per_device_train_batch_size < 2:
+        problems.append(f"--per_device_train_batch_size {training_args.per_device_train_batch_size}: KTO estimates "
+                        "its KL term from the other completions of the same batch, so it needs at least 2 per device "
+                        "(or --loss_type apo_zero_unpaired, which has no KL term).")
+    if problems:
+        raise ConfigError(problems)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -112,6 +112,8 @@ CASES = [
     ("kto-label-not-boolean", "kto", "k.jsonl", line({**GOOD_KTO, "label": "yes"}), [],
      "k.jsonl:2: label: expected true or false, got 'yes'"),
     ("kto-no-label", "kto", "k.jsonl", line({"messages": GOOD_KTO["messages"]}), [], "k.jsonl:2: label: missing"),
+    ("kto-batch-of-one", "kto", None, None, ["--per_device_train_batch_size", "1"],
+     "--per_device_train_batch_size 1: KTO estimates its KL term"),
     ("orpo-unknown-loss", "orpo", None, None, ["--loss_type", "dpo"], "--loss_type dpo: unknown; choose from orpo, simpo"),
 ]
 
