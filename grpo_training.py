@@ -48,7 +48,7 @@ def main(args: list[str] | None = None):
         stage_defaults={"output_dir": "outputs-grpo", "logging_steps": 1},
     )
     check_arguments(model_args, lora_args, training_args)
-    check_grpo_arguments(reward_args, training_args)
+    check_grpo_arguments(reward_args, data_args, training_args)
     # seeds before the LoRA adapter is built, so a run and its resume start from the same adapter
     resume = start_run(training_args, run_args.overwrite_output_dir)
 
@@ -65,7 +65,7 @@ def main(args: list[str] | None = None):
                                               report_dir=training_args.output_dir, extensions=QUESTION_EXTENSIONS)
     train_dataset = prompt_dataset(train_records, tokenizer, chat_format, reward_args.max_prompt_length, "train")
     eval_dataset = (prompt_dataset(eval_records, tokenizer, chat_format, reward_args.max_prompt_length, "eval")
-                    if eval_records and training_args.eval_strategy != "no" else None)
+                    if eval_records else None)
     kinds = {k: train_dataset["answer_type"].count(k) for k in sorted(set(train_dataset["answer_type"]))}
     logger.info("%d train prompts (answer types %s); first:\n%r -> %r", len(train_dataset), kinds,
                 train_dataset[0]["prompt"], train_dataset[0]["answer"])

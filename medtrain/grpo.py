@@ -74,9 +74,14 @@ class GRPORewardArguments:
             raise ConfigError(problems)
 
 
-def check_grpo_arguments(reward_args: GRPORewardArguments, training_args: Any) -> None:
+def check_grpo_arguments(reward_args: GRPORewardArguments, data_args: Any, training_args: Any) -> None:
     """Cross-flag checks GRPOConfig does late or not at all; every problem at once."""
     problems = []
+    held_out = data_args.validation_file_dir or data_args.validation_split_percentage
+    if held_out and str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) == "no":
+        problems.append("--validation_file_dir/--validation_split_percentage without --eval_strategy: the held-out "
+                        "questions would be read (or taken from training) and never used. Add --eval_strategy steps "
+                        "--eval_steps N (eval rewards are logged as eval_rewards/<name>/mean) or remove them.")
     weights = training_args.reward_weights
     if weights is not None and len(weights) != len(reward_args.reward_funcs):
         problems.append(f"--reward_weights has {len(weights)} value(s) for {len(reward_args.reward_funcs)} reward(s) "

@@ -163,6 +163,10 @@ def test_reward_flags_are_checked_together(tiny_chat_model_dir, tmp_path):
                             "--reward_weights", "1.0", "--length_target_tokens", "900"])
     assert "--reward_weights has 1 value(s) for 2 reward(s)" in str(err.value)
     assert "--length_target_tokens 900 must be between 1 and --max_completion_length 512" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        grpo_training.main(["--model_name_or_path", str(tiny_chat_model_dir), "--train_file_dir", data,
+                            "--output_dir", str(tmp_path / "o"), "--validation_split_percentage", "10"])
+    assert "the held-out questions would be read (or taken from training) and never used" in str(err.value)
     assert not (tmp_path / "o").exists()
 
 
