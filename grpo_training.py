@@ -19,11 +19,11 @@ import logging
 
 from trl import GRPOConfig
 
-from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, check_arguments, parse_args
+from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args
 from medtrain.chat_format import resolve_chat_format, save_chat_format
 from medtrain.checkpoints import CompleteCheckpointCallback
 from medtrain.data import load_splits
-from medtrain.errors import run_main
+from medtrain.entrypoint import run_main
 from medtrain.grpo import (
     GRPORewardArguments,
     build_grpo_trainer,
@@ -42,13 +42,13 @@ logger = logging.getLogger("medtrain.grpo")
 
 def main(args: list[str] | None = None):
     """Run GRPO from command-line ``args`` (default: sys.argv); returns the trainer."""
+    # Configuration: parse (pure), derive and check everything once, then set up the process
     model_args, lora_args, data_args, reward_args, run_args, training_args = parse_args(
         [ModelArguments, LoraArguments, DataArguments, GRPORewardArguments, RunArguments, GRPOConfig],
-        args=args,
-        stage_defaults={"output_dir": "outputs-grpo", "logging_steps": 1},
+        args=args, stage_defaults={"output_dir": "outputs-grpo", "logging_steps": 1},
     )
-    check_arguments(model_args, lora_args, training_args)
-    check_grpo_arguments(reward_args, data_args, training_args)
+    finalize(model_args, lora_args, data_args, training_args,
+             checks=(lambda: check_grpo_arguments(reward_args, data_args, training_args),))
     # seeds before the LoRA adapter is built, so a run and its resume start from the same adapter
     resume = start_run(training_args, run_args.overwrite_output_dir)
 

@@ -18,12 +18,12 @@ import random
 
 from trl import KTOConfig
 
-from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, check_arguments, parse_args
+from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args
 from medtrain.chat_format import resolve_chat_format, save_chat_format
 from medtrain.checkpoints import CompleteCheckpointCallback
 from medtrain.data import load_splits
 from medtrain.dpo import DPOArguments, evaluate_once, load_reference_model
-from medtrain.errors import run_main
+from medtrain.entrypoint import run_main
 from medtrain.kto import (
     KTOArguments,
     build_kto_trainer,
@@ -40,15 +40,12 @@ logger = logging.getLogger("medtrain.kto")
 
 def main(args: list[str] | None = None):
     """Run KTO from command-line ``args`` (default: sys.argv); returns the trainer."""
+    # Configuration: parse (pure), derive (max_length = --model_max_length) and check once, set up the process
     model_args, lora_args, data_args, kto_args, run_args, training_args = parse_args(
         [ModelArguments, LoraArguments, DataArguments, KTOArguments, RunArguments, KTOConfig],
-        args=args,
-        # max_length None: --model_max_length governs (examples are fitted to it before TRL sees them)
-        stage_defaults={"output_dir": "outputs-kto", "do_train": True, "do_eval": True, "max_length": None},
+        args=args, stage_defaults={"output_dir": "outputs-kto", "do_train": True, "do_eval": True},
     )
-    check_arguments(model_args, lora_args, training_args)
-    check_kto_arguments(data_args, training_args)
-    training_args.max_length = data_args.model_max_length
+    finalize(model_args, lora_args, data_args, training_args, checks=(lambda: check_kto_arguments(training_args),))
     # seeds before the LoRA adapter is built, so a run and its resume start from the same adapter
     resume = start_run(training_args, run_args.overwrite_output_dir)
 

@@ -17,15 +17,15 @@ from __future__ import annotations
 import logging
 import sys
 
-from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, check_arguments, parse_args
+from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args
 from medtrain.chat_format import resolve_chat_format, save_chat_format
 from medtrain.checkpoints import CompleteCheckpointCallback
 from medtrain.data import load_splits
 from medtrain.dpo import describe_pair, encode_preference_dataset, evaluate_once
-from medtrain.errors import run_main
+from medtrain.entrypoint import run_main
 from medtrain.formats import load_preferences
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
-from medtrain.orpo import ORPOArguments, build_orpo_trainer, check_orpo_arguments, method_for
+from medtrain.orpo import OUTPUT_DIRS, ORPOArguments, build_orpo_trainer, check_orpo_arguments, method_for
 from medtrain.runtime import start_run, write_results
 
 logger = logging.getLogger("medtrain.orpo")
@@ -33,18 +33,16 @@ logger = logging.getLogger("medtrain.orpo")
 
 def main(args: list[str] | None = None):
     """Run ORPO/SimPO/CPO from command-line ``args`` (default: sys.argv); returns the trainer."""
+    # Configuration: --loss_type picks the TRL config (two-pass parse); parse (pure), derive (max_length =
+    # --model_max_length) and check once, then set up the process
     argv = list(sys.argv[1:] if args is None else args)
     loss_type, config_class, method_defaults = method_for(argv)
     model_args, lora_args, data_args, orpo_args, run_args, training_args = parse_args(
-        [ModelArguments, LoraArguments, DataArguments, ORPOArguments, RunArguments, config_class],
-        args=argv,
-        # max_length None: --model_max_length governs; a differing --max_length is refused by check_orpo_arguments.
-        stage_defaults={"output_dir": f"outputs-{'orpo' if loss_type == 'orpo' else 'simpo' if loss_type == 'simpo' else 'cpo'}",
-                        "do_train": True, "do_eval": True, "max_length": None, **method_defaults},
+        [ModelArguments, LoraArguments, DataArguments, ORPOArguments, RunArguments, config_class], args=argv,
+        stage_defaults={"output_dir": OUTPUT_DIRS.get(loss_type, "outputs-cpo"), "do_train": True, "do_eval": True,
+                        **method_defaults},
     )
-    check_arguments(model_args, lora_args, training_args)
-    check_orpo_arguments(data_args, training_args)
-    training_args.max_length = data_args.model_max_length
+    finalize(model_args, lora_args, data_args, training_args, checks=(lambda: check_orpo_arguments(training_args),))
     # seeds before the LoRA adapter is built, so a run and its resume start from the same adapter
     resume = start_run(training_args, run_args.overwrite_output_dir)
     logger.info("method: %s (%s), beta %s", loss_type, type(training_args).__name__, training_args.beta)

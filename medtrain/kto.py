@@ -49,12 +49,9 @@ class KTOArguments:
     )
 
 
-def check_kto_arguments(data_args: Any, training_args: Any) -> None:
-    """Flags KTOTrainer would refuse late (with a traceback) or ignore; all at once."""
+def check_kto_arguments(training_args: Any) -> None:
+    """Flags KTOTrainer would refuse late (with a traceback); all at once."""
     problems = []
-    if training_args.max_length is not None and training_args.max_length != data_args.model_max_length:
-        problems.append(f"--max_length {training_args.max_length} differs from --model_max_length "
-                        f"{data_args.model_max_length}: examples are fitted to --model_max_length (--truncation).")
     if training_args.loss_type == "kto" and training_args.per_device_train_batch_size < 2:
         problems.append(f"--per_device_train_batch_size {training_args.per_device_train_batch_size}: KTO estimates "
                         "its KL term from the other completions of the same batch, so it needs at least 2 per device "

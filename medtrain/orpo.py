@@ -16,10 +16,10 @@ TRL's own prompt extraction, chat templating and re-tokenisation are skipped (:c
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .arguments import peek_arg
 from .errors import ConfigError
 from .preference import DPO_TRUNCATION_CHOICES
 
@@ -28,6 +28,7 @@ LOSS_TYPES = ["orpo"] + CPO_LOSS_TYPES
 # SimPO paper (Meng et al. 2024, Table 7): beta 2.0-2.5 and gamma/beta about 0.5 for instruct models; no SFT term.
 SIMPO_DEFAULTS = {"beta": 2.0, "simpo_gamma": 1.0, "cpo_alpha": 0.0}
 ID_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
+OUTPUT_DIRS = {"orpo": "outputs-orpo", "simpo": "outputs-simpo"}  # the CPO losses: outputs-cpo
 
 
 @dataclass
@@ -49,26 +50,11 @@ class ORPOArguments:
     )
 
 
-def _loss_type_from(argv: list[str]) -> str:
-    """``--loss_type`` from the command line (or the leading .json/.yaml arguments file), before full parsing."""
-    loss_type = "orpo"
-    if argv and argv[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(argv[0]):
-        from .arguments import _file_args
-
-        loss_type = str(_file_args(argv[0]).get("loss_type", loss_type))
-    for i, arg in enumerate(argv):
-        if arg == "--loss_type" and i + 1 < len(argv):
-            loss_type = argv[i + 1]
-        elif arg.startswith("--loss_type="):
-            loss_type = arg.split("=", 1)[1]
-    if loss_type not in LOSS_TYPES:
-        raise ConfigError(f"--loss_type {loss_type}: unknown; choose from {', '.join(LOSS_TYPES)}.")
-    return loss_type
-
-
 def method_for(argv: list[str]) -> tuple[str, type, dict]:
     """``(loss_type, TRL config class, stage defaults for it)`` for the command line ``argv``."""
-    loss_type = _loss_type_from(argv)
+    loss_type = peek_arg("loss_type", "orpo", argv)
+    if loss_type not in LOSS_TYPES:
+        raise ConfigError(f"--loss_type {loss_type}: unknown; choose from {', '.join(LOSS_TYPES)}.")
     if loss_type == "orpo":
         from trl.experimental.orpo import ORPOConfig
 
@@ -78,12 +64,12 @@ def method_for(argv: list[str]) -> tuple[str, type, dict]:
     return loss_type, CPOConfig, dict(SIMPO_DEFAULTS) if loss_type == "simpo" else {}
 
 
-def check_orpo_arguments(data_args: Any, training_args: Any) -> None:
-    """Flags TRL would ignore here (our encoding does the lengths and tokenisation); all at once."""
+def check_orpo_arguments(training_args: Any) -> None:
+    """Flags TRL would ignore here (our encoding does the lengths and tokenisation); all at once.
+
+    (A --max_length other than --model_max_length is refused by medtrain.arguments.finalize, for every stage.)
+    """
     problems = []
-    if training_args.max_length is not None and training_args.max_length != data_args.model_max_length:
-        problems.append(f"--max_length {training_args.max_length} differs from --model_max_length "
-                        f"{data_args.model_max_length}: pairs are fitted to --model_max_length (see --truncation).")
     if training_args.max_completion_length is not None:
         problems.append("--max_completion_length has no effect: pairs are fitted to --model_max_length by --truncation.")
     if training_args.dataset_num_proc is not None:

@@ -135,3 +135,16 @@ def test_sample_feedback_loads():
 
     examples = load_kto_examples([str(ROOT / "data" / "kto" / "medical_feedback.jsonl")])
     assert len(examples) == 16 and sum(e["label"] for e in examples) == 10
+
+
+def test_trl_members_the_pretokenized_trainer_overrides_still_exist():
+    """PretokenizedKTOTrainer overrides _prepare_dataset (no public switch skips KTO's re-templating) and reads
+    calculate_KL, which KTOTrainer sets before preparing the datasets."""
+    import inspect
+
+    from trl import KTOTrainer
+
+    assert list(inspect.signature(KTOTrainer._prepare_dataset).parameters)[:5] == [
+        "self", "dataset", "processing_class", "args", "dataset_name"]
+    source = inspect.getsource(KTOTrainer.__init__)
+    assert "self.calculate_KL = " in source and source.index("self.calculate_KL = ") < source.index("self._prepare_dataset(")

@@ -111,3 +111,15 @@ def test_orpo_flags_that_would_be_ignored_are_refused(tiny_chat_model_dir, tmp_p
                             "--output_dir", str(tmp_path / "o"), "--max_length", "64", "--max_completion_length", "8"])
     assert "--max_length 64 differs from --model_max_length" in str(err.value)
     assert "--max_completion_length has no effect" in str(err.value)
+
+
+def test_trl_members_the_pretokenized_trainers_override_still_exist():
+    """PretokenizedPairsMixin overrides tokenize_row: ORPO/CPO have no public switch to skip their re-tokenisation."""
+    import inspect
+
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    for trainer in (ORPOTrainer, CPOTrainer):
+        assert list(inspect.signature(trainer.tokenize_row).parameters) == ["self", "feature", "model"], trainer
+        assert "train_dataset.map(self.tokenize_row" in inspect.getsource(trainer.__init__), trainer
