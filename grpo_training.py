@@ -21,7 +21,6 @@ from trl import GRPOConfig
 
 from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args
 from medtrain.chat_format import resolve_chat_format, save_chat_format
-from medtrain.checkpoints import CompleteCheckpointCallback
 from medtrain.data import load_splits
 from medtrain.entrypoint import run_main
 from medtrain.grpo import (
@@ -34,6 +33,7 @@ from medtrain.grpo import (
 )
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
 from medtrain.questions import QUESTION_EXTENSIONS, load_questions
+from medtrain.resilience import resilience_callbacks
 from medtrain.reward import check_reward_model_matches, load_reward_scorer
 from medtrain.runtime import start_run, write_results
 
@@ -86,7 +86,7 @@ def main(args: list[str] | None = None):
         policy = apply_lora(policy, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
 
     trainer = build_grpo_trainer(policy, tokenizer, reward_funcs, training_args, train_dataset, stop_ids,
-                                 eval_dataset=eval_dataset, callbacks=[CompleteCheckpointCallback()])
+                                 eval_dataset=eval_dataset, callbacks=[*resilience_callbacks(run_args)])
 
     # Train and save (rewards/<name>/mean, reward, kl, completions/* are in the logs and tensorboard)
     result = trainer.train(resume_from_checkpoint=resume)

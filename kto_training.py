@@ -20,7 +20,6 @@ from trl import KTOConfig
 
 from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args
 from medtrain.chat_format import resolve_chat_format, save_chat_format
-from medtrain.checkpoints import CompleteCheckpointCallback
 from medtrain.data import load_splits
 from medtrain.dpo import DPOArguments, evaluate_once, load_reference_model
 from medtrain.entrypoint import run_main
@@ -33,6 +32,7 @@ from medtrain.kto import (
     load_kto_examples,
 )
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
+from medtrain.resilience import resilience_callbacks
 from medtrain.runtime import start_run, write_results
 
 logger = logging.getLogger("medtrain.kto")
@@ -85,7 +85,7 @@ def main(args: list[str] | None = None):
         model = apply_lora(model, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
 
     trainer = build_kto_trainer(model, ref_model, training_args, train_dataset, eval_dataset, tokenizer, lora_args,
-                                callbacks=[CompleteCheckpointCallback()])
+                                callbacks=[*resilience_callbacks(run_args)])
 
     # Train, save, evaluate (rewards/chosen, rewards/rejected, kl, logps/* are in the logs and tensorboard)
     if training_args.do_train:

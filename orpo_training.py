@@ -19,13 +19,13 @@ import sys
 
 from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args
 from medtrain.chat_format import resolve_chat_format, save_chat_format
-from medtrain.checkpoints import CompleteCheckpointCallback
 from medtrain.data import load_splits
 from medtrain.dpo import describe_pair, encode_preference_dataset, evaluate_once
 from medtrain.entrypoint import run_main
 from medtrain.formats import load_preferences
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
 from medtrain.orpo import OUTPUT_DIRS, ORPOArguments, build_orpo_trainer, check_orpo_arguments, method_for
+from medtrain.resilience import resilience_callbacks
 from medtrain.runtime import start_run, write_results
 
 logger = logging.getLogger("medtrain.orpo")
@@ -70,7 +70,7 @@ def main(args: list[str] | None = None):
         model = apply_lora(model, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
 
     trainer = build_orpo_trainer(loss_type, model, training_args, train_dataset, eval_dataset, tokenizer,
-                                 callbacks=[CompleteCheckpointCallback()])
+                                 callbacks=[*resilience_callbacks(run_args)])
 
     # Train, save, evaluate (rewards/*, logps/*, log_odds_ratio or nll_loss are in the logs and tensorboard)
     if training_args.do_train:
