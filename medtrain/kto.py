@@ -21,7 +21,7 @@ from typing import Any
 from trl import KTOTrainer
 
 from .errors import ConfigError, DataError
-from .formats import iter_json_records, load_conversations, load_preferences
+from .formats import LoadReport, iter_json_records, load_conversations, load_preferences
 from .preference import DPO_TRUNCATION_CHOICES, encode_pair
 
 logger = logging.getLogger(__name__)
@@ -69,45 +69,49 @@ def _is_pair_file(path: str) -> bool:
     return first is not None and isinstance(first.data, dict) and any(k in first.data for k in _PAIR_KEYS)
 
 
-def _labels(path: str, skipped: list[str] | None) -> dict[str, bool]:
-    """``file:line -> label`` for every record of an unpaired file whose ``label`` is a boolean."""
+def _labels(path: str, report: LoadReport) -> dict[str, bool]:
+    """``file:line -> label`` for every record of an unpaired file whose ``label`` is a boolean; bad ones reported."""
     labels = {}
     for record in iter_json_records(path):
         data = record.data
         if not isinstance(data, dict):
             continue  # load_conversations reports it
-        try:
-            if "label" not in data:
-                raise record.error("missing: an unpaired KTO example needs \"label\": true (desirable) or false "
-                                   "(undesirable)", "label")
-            if not isinstance(data["label"], bool):
-                raise record.error(f"expected true or false, got {data['label']!r}", "label")
-        except DataError as err:
-            if skipped is None:
-                raise
-            skipped.append(str(err))
-            continue
-        labels[record.where] = data["label"]
+        if "label" not in data:
+            report.problems.append(record.error("missing: an unpaired KTO example needs \"label\": true "
+                                                "(desirable) or false (undesirable)", "label"))
+        elif not isinstance(data["label"], bool):
+            report.problems.append(record.error(f"expected true or false, got {data['label']!r}", "label"))
+        else:
+            labels[record.where] = data["label"]
     return labels
 
 
-def load_kto_examples(files: list[str], skipped: list[str] | None = None) -> list[dict]:
-    """Examples ``{"messages" (prompt), "completion", "label", "source"}`` from unpaired or paired files."""
+def load_kto_examples(files: list[str], report: LoadReport | None = None) -> list[dict]:
+    """Examples ``{"messages" (prompt), "completion", "label", "source"}`` from unpaired or paired files. Bad records
+    are collected in ``report`` (the stage's bad-record policy decides); without one any problem raises."""
+    collect = report if report is not None else LoadReport()
     out = []
     for path in files:
-        if _is_pair_file(path):
-            for pair in load_preferences([path], skipped):
+        try:
+            paired = _is_pair_file(path)
+        except DataError as err:
+            collect.file_errors.append(err)
+            continue
+        if paired:
+            for pair in load_preferences([path], collect):
                 for reply, label in ((pair["chosen"], True), (pair["rejected"], False)):
                     out.append({"messages": pair["messages"], "completion": reply, "label": label,
                                 "source": pair["source"]})
             continue
-        labels = _labels(path, skipped)
-        for conversation in load_conversations([path], skipped):
+        labels = _labels(path, collect)
+        for conversation in load_conversations([path], collect):
             if conversation["source"] not in labels:
-                continue  # its label was bad: listed in skipped
+                continue  # its label was bad: reported above
             messages = conversation["messages"]
             out.append({"messages": messages[:-1], "completion": messages[-1]["content"],
                         "label": labels[conversation["source"]], "source": conversation["source"]})
+    if report is None:
+        collect.raise_if_any()
     return out
 
 

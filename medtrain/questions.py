@@ -24,7 +24,7 @@ import string
 from typing import Any
 
 from .errors import DataError
-from .formats import Record, _string, iter_json_records, read_text
+from .formats import LoadReport, Record, _string, iter_json_records, read_text
 from .rewards import ANSWER_TYPES, looks_mathematical
 
 QUESTION_EXTENSIONS = (".json", ".jsonl", ".csv")
@@ -132,25 +132,26 @@ def iter_csv_records(path: str) -> list[Record]:
     return records
 
 
-def load_questions(files: list[str], skipped: list[str] | None = None, default_answer_type: str = "auto") -> list[dict]:
-    """Load question files (``.json``/``.jsonl``/``.csv``); with ``skipped``, bad records are listed, not raised."""
+def load_questions(files: list[str], report: LoadReport | None = None, default_answer_type: str = "auto") -> list[dict]:
+    """Load question files (``.json``/``.jsonl``/``.csv``). Bad records are collected in ``report`` (the stage's
+    bad-record policy, :func:`medtrain.data.check_invalid_records`, decides); without one any problem raises."""
+    collect = report if report is not None else LoadReport()
     out = []
     for path in files:
+        collect.records.setdefault(path, 0)
         try:
             records = iter_csv_records(path) if path.endswith(".csv") else iter_json_records(path)
             for record in records:
+                collect.records[path] += 1
                 try:
                     item = parse_question(record, default_answer_type)
                 except DataError as err:
-                    if skipped is None:
-                        raise
-                    skipped.append(str(err))
+                    collect.problems.append(err)
                     continue
                 item["source"] = record.where
                 out.append(item)
         except DataError as err:
-            if skipped is None:
-                raise
-            if str(err) not in skipped:
-                skipped.append(str(err))
+            collect.file_errors.append(err)
+    if report is None:
+        collect.raise_if_any()
     return out

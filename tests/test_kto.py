@@ -51,8 +51,10 @@ def test_bad_examples_name_file_line_and_field(tmp_path, bad, expected):
     with pytest.raises(DataError) as err:
         load_kto_examples([path])
     assert expected in str(err.value)
-    skipped = []
-    assert len(load_kto_examples([path], skipped)) == 1 and expected in skipped[0]
+    from medtrain.formats import LoadReport
+
+    report = LoadReport()
+    assert len(load_kto_examples([path], report)) == 1 and expected in str(report.problems[0])
 
 
 def test_class_weights():
