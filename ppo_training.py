@@ -4,6 +4,10 @@
         --train_file_dir data/sft --output_dir outputs-ppo --max_steps 20
     python ppo_training.py --rl_algo rloo ...   # TRL RLOOTrainer with the same reward model and prompts
 
+``--rl_algo grpo`` is kept for existing command lines; it builds its trainer with medtrain.grpo.build_grpo_trainer,
+the one grpo_training.py uses, which also combines the reward model with rule-based rewards
+(``grpo_training.py --reward_funcs reward_model accuracy ...``, see docs/alignment.md).
+
 Prompts are the user turns (with history and system prompt) of SFT/preference/prompt files, rendered with the
 chat format the policy was trained with. The reward model must share the policy's vocabulary and chat format
 (checked). With LoRA the reference policy is the same base with the adapter disabled (no second copy).
@@ -20,7 +24,7 @@ import datasets
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin
 from transformers import TrainingArguments
-from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+from trl import GRPOConfig, RLOOConfig, RLOOTrainer
 
 from medtrain.arguments import (
     DataArguments,
@@ -36,11 +40,13 @@ from medtrain.data import load_splits
 from medtrain.entrypoint import run_main
 from medtrain.errors import ConfigError, DataError
 from medtrain.formats import load_prompts
+from medtrain.grpo import build_grpo_trainer
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
 from medtrain.plotting import save_training_curves
 from medtrain.ppo import PPOArguments, PPOTrainer
 from medtrain.resilience import resilience_callbacks
-from medtrain.reward import load_reward_model, load_reward_scorer
+from medtrain.reward import check_reward_model_matches, load_reward_model, load_reward_scorer
+from medtrain.rewards import make_reward_model_reward
 from medtrain.runtime import start_run, write_results
 
 logger = logging.getLogger("medtrain.ppo")
@@ -101,21 +107,6 @@ def check_no_validation_data(data_args: DataArguments) -> None:
         )
 
 
-def check_reward_model_matches(policy_tokenizer, policy_format, scorer) -> None:
-    """The reward model scores the policy's token ids directly: vocabularies and chat formats must agree."""
-    if policy_tokenizer.get_vocab() != scorer.tokenizer.get_vocab():
-        raise ConfigError(
-            f"the reward model's tokenizer ({len(scorer.tokenizer)} tokens) differs from the policy's "
-            f"({len(policy_tokenizer)} tokens): train the reward model from the same base/tokenizer as the policy."
-        )
-    probe = [{"role": "user", "content": "Is this format the same?"}]
-    if policy_format.generation_prompt(probe) != scorer.chat_format.generation_prompt(probe):
-        raise ConfigError(
-            f"the reward model was trained with chat format {scorer.chat_format.record()} but the policy uses "
-            f"{policy_format.record()}: pass the same --template_name/--system_prompt both were trained with."
-        )
-
-
 def encode_prompts(records: list[dict], tokenizer, chat_format, max_length: int, name: str) -> list[list[int]]:
     """Rendered, tokenised prompts; over-long ones are dropped with a logged count."""
     prompts = [tokenizer.encode(chat_format.generation_prompt(r["messages"], r.get("tools")), add_special_tokens=False)
@@ -167,7 +158,7 @@ def main(args: list[str] | None = None):
                             ppo_args, training_args, run_args)
         history = trainer.train(resume_from_checkpoint=resume)
     else:
-        trainer = build_trl(policy, tokenizer, scorer, train_prompts, rl_args, training_args, run_args)
+        trainer = build_trl(policy, tokenizer, scorer, train_prompts, rl_args, training_args, run_args, stop_ids)
         history = trainer.train(resume_from_checkpoint=resume).metrics
     trainer.save_model(training_args.output_dir)
     if training_args.process_index == 0:
@@ -212,20 +203,19 @@ def build_ppo(policy, tokenizer, scorer, train_prompts, stop_ids, model_args, lo
     )
 
 
-def build_trl(policy, tokenizer, scorer, train_prompts, rl_args, training_args, run_args):
-    """TRL's RLOO/GRPO with the same prompts and reward model (scores prompt ids + completion ids)."""
-    texts = [tokenizer.decode(p) for p in train_prompts]
-    ids_by_text = dict(zip(texts, train_prompts))
+def build_trl(policy, tokenizer, scorer, train_prompts, rl_args, training_args, run_args, stop_ids):
+    """TRL's RLOO/GRPO with the same prompts and reward model (scores prompt ids + completion ids).
 
-    def reward_model(prompts, completions, completion_ids, **kwargs) -> list[float]:
-        queries = [ids_by_text.get(p) or tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        return scorer.score_ids([q + list(c) for q, c in zip(queries, completion_ids)]).tolist()
-
-    reward_model.__name__ = "reward_model"
-    trainer_class = RLOOTrainer if rl_args.rl_algo == "rloo" else GRPOTrainer
-    return trainer_class(model=policy, reward_funcs=[reward_model], args=training_args,
-                         train_dataset=datasets.Dataset.from_dict({"prompt": texts}), processing_class=tokenizer,
-                         callbacks=resilience_callbacks(run_args))
+    GRPO is built by medtrain.grpo.build_grpo_trainer, the builder grpo_training.py uses (which can also combine
+    the reward model with accuracy/format/length rewards: ``grpo_training.py --reward_funcs reward_model ...``).
+    """
+    dataset = datasets.Dataset.from_dict({"prompt": [tokenizer.decode(p) for p in train_prompts]})
+    reward_funcs = [make_reward_model_reward(scorer, tokenizer)]
+    if rl_args.rl_algo == "grpo":
+        return build_grpo_trainer(policy, tokenizer, reward_funcs, training_args, dataset, stop_ids,
+                                  callbacks=resilience_callbacks(run_args))
+    return RLOOTrainer(model=policy, reward_funcs=reward_funcs, args=training_args, train_dataset=dataset,
+                       processing_class=tokenizer, callbacks=resilience_callbacks(run_args))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from .arguments import DataArguments
 from .errors import DataError
-from .formats import MAX_LISTED, LoadReport, Record, find_data_files
+from .formats import DATA_EXTENSIONS, MAX_LISTED, LoadReport, Record, find_data_files
 from .tokenization import describe_sample, encode_dialogs, has_supervised_tokens
 
 logger = logging.getLogger(__name__)
@@ -34,20 +34,22 @@ def _hub_records(data_args: DataArguments, split: str) -> list[Record]:
 
 
 def load_splits(
-    data_args: DataArguments, loader: Loader, seed: int = 42, report_dir: str | None = None
+    data_args: DataArguments, loader: Loader, seed: int = 42, report_dir: str | None = None,
+    extensions: tuple[str, ...] = DATA_EXTENSIONS,
 ) -> tuple[list[dict], list[dict]]:
     """Load train and eval examples with ``loader`` (e.g. :func:`formats.load_conversations`).
 
     Eval comes from ``--validation_file_dir``, else a ``--validation_split_percentage`` hold-out of train. Every
     file is read in full before the bad-record policy (:func:`check_invalid_records`) decides whether to go on.
+    ``extensions``: the file types read from the data directories (JSON and JSON Lines by default).
     """
     report = LoadReport()
     if data_args.train_file_dir:
-        train = loader(find_data_files(data_args.train_file_dir), report)
+        train = loader(find_data_files(data_args.train_file_dir, extensions), report)
     else:
         train = _loader_over_records(loader, _hub_records(data_args, "train"), report)
     if data_args.validation_file_dir:
-        eval_ = loader(find_data_files(data_args.validation_file_dir), report)
+        eval_ = loader(find_data_files(data_args.validation_file_dir, extensions), report)
     else:
         eval_ = []
     check_invalid_records(report, data_args, report_dir)

@@ -221,6 +221,21 @@ def load_reward_scorer(
     return RewardScorer(model, tokenizer, chat_format, max_length=max_length, batch_size=batch_size)
 
 
+def check_reward_model_matches(policy_tokenizer, policy_format, scorer) -> None:
+    """The reward model scores the policy's token ids directly: vocabularies and chat formats must agree."""
+    if policy_tokenizer.get_vocab() != scorer.tokenizer.get_vocab():
+        raise ConfigError(
+            f"the reward model's tokenizer ({len(scorer.tokenizer)} tokens) differs from the policy's "
+            f"({len(policy_tokenizer)} tokens): train the reward model from the same base/tokenizer as the policy."
+        )
+    probe = [{"role": "user", "content": "Is this format the same?"}]
+    if policy_format.generation_prompt(probe) != scorer.chat_format.generation_prompt(probe):
+        raise ConfigError(
+            f"the reward model was trained with chat format {scorer.chat_format.record()} but the policy uses "
+            f"{policy_format.record()}: pass the same --template_name/--system_prompt both were trained with."
+        )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Data
 

@@ -20,6 +20,8 @@ from medtrain.entrypoint import run_main
 
 GOOD_SFT = {"conversations": [{"from": "human", "value": "Fever?"}, {"from": "gpt", "value": "Rest."}]}
 GOOD_PAIR = {"conversations": [{"from": "human", "value": "Fever?"}], "chosen": "Rest and water.", "rejected": "No."}
+GOOD_KTO = {"messages": [{"role": "user", "content": "Fever?"}, {"role": "assistant", "content": "Rest."}], "label": True}
+GOOD_QUESTION = {"question": "2 + 2?", "answer": "4"}
 
 
 def line(obj) -> str:
@@ -101,9 +103,23 @@ CASES = [
     ("negative-lora-rank", "sft", None, None, ["--lora_rank", "0"], "--lora_rank must be positive"),
     ("bad-split-percentage", "sft", None, None, ["--validation_split_percentage", "150"], "must be in [0, 100)"),
     ("missing-model-dir", "sft", None, None, ["--model_name_or_path", "./no/such/model"], "no such directory"),
+    ("grpo-no-answer", "grpo", "q.jsonl", line({"question": "Fever?"}), [], "q.jsonl:2: answer: missing the reference answer"),
+    ("grpo-answer-not-an-option", "grpo", "q.jsonl", line({"question": "q", "options": ["a", "b"], "answer": "E"}), [],
+     "q.jsonl:2: answer: expected the letter of an option (A, B), got 'E'"),
+    ("grpo-wrong-layout", "grpo", "q.jsonl", line({"instruction": "q", "output": "a"}), [], "q.jsonl:2: question: no 'question' field"),
+    ("grpo-reward-model-without-path", "grpo", None, None, ["--reward_funcs", "reward_model"],
+     "--reward_funcs reward_model needs --reward_model_name_or_path"),
+    ("kto-label-not-boolean", "kto", "k.jsonl", line({**GOOD_KTO, "label": "yes"}), [],
+     "k.jsonl:2: label: expected true or false, got 'yes'"),
+    ("kto-no-label", "kto", "k.jsonl", line({"messages": GOOD_KTO["messages"]}), [], "k.jsonl:2: label: missing"),
+    ("kto-batch-of-one", "kto", None, None, ["--per_device_train_batch_size", "1"],
+     "--per_device_train_batch_size 1: KTO estimates its KL term"),
+    ("orpo-unknown-loss", "orpo", None, None, ["--loss_type", "dpo"], "--loss_type dpo: unknown; choose from orpo, simpo"),
 ]
 
-SCRIPTS = {"sft": "supervised_finetuning", "rm": "reward_modeling", "dpo": "dpo_training"}
+SCRIPTS = {"sft": "supervised_finetuning", "rm": "reward_modeling", "dpo": "dpo_training", "orpo": "orpo_training",
+           "kto": "kto_training", "grpo": "grpo_training"}
+GOOD = {"sft": GOOD_SFT, "kto": GOOD_KTO, "grpo": GOOD_QUESTION}
 
 
 def invoke(module_name: str, args: list[str], monkeypatch) -> int:
@@ -126,7 +142,7 @@ def test_catalogue_case(case, tiny_chat_model_dir, tmp_path, capsys, monkeypatch
     name, stage, filename, content, extra, expected = case
     data = tmp_path / "data"
     data.mkdir()
-    good = GOOD_SFT if stage == "sft" else GOOD_PAIR
+    good = GOOD.get(stage, GOOD_PAIR)
     if filename is None:
         (data / "ok.jsonl").write_text(line(good) + "\n")
     elif content == "":
@@ -173,7 +189,7 @@ def test_catalogue_on_the_command_line(case_id, tiny_chat_model_dir, tmp_path):
     name, stage, filename, content, extra, expected = next(c for c in CASES if c[0] == case_id)
     data = tmp_path / "data"
     data.mkdir()
-    good = GOOD_SFT if stage == "sft" else GOOD_PAIR
+    good = GOOD.get(stage, GOOD_PAIR)
     body = b"" if content is None else (content if isinstance(content, bytes) else content.encode())
     (data / (filename or "ok.jsonl")).write_bytes(line(good).encode() + b"\n" + body + b"\n")
     proc = run_script(SCRIPTS[stage] + ".py", *stage_args(stage, tiny_chat_model_dir, data, tmp_path / "out"), *extra)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"pt": "pretraining", "sft": "supervised_finetuning", "rm": "reward_modeling", "dpo": "dpo_training",
-          "ppo": "ppo_training"}
+          "ppo": "ppo_training", "orpo": "orpo_training", "kto": "kto_training"}
 PROBE_IDS = [[5, 17, 42, 99, 7, 3, 11, 12]]  # a fixed input whose logits compare in-memory and reloaded models
 
 
@@ -32,7 +32,7 @@ def _row_fingerprints(trainer) -> list[list[int]]:
     pad = trainer.processing_class.pad_token_id
     rows = []
     for batch in trainer.get_train_dataloader():
-        key = next(k for k in ("input_ids", "prompt_ids", "input_ids_chosen") if k in batch)
+        key = next(k for k in ("input_ids", "prompt_ids", "prompt_input_ids", "input_ids_chosen") if k in batch)
         for row in batch[key].tolist():
             while row and row[-1] == pad:
                 row.pop()
@@ -367,7 +367,8 @@ def test_ppo_two_ranks_split_the_prompts_and_keep_one_policy(tiny_dir, tmp_path)
 
 @pytest.mark.parametrize("script, stage_script", [
     ("run_pt.sh", "pretraining.py"), ("run_sft.sh", "supervised_finetuning.py"), ("run_rm.sh", "reward_modeling.py"),
-    ("run_dpo.sh", "dpo_training.py"), ("run_ppo.sh", "ppo_training.py"),
+    ("run_dpo.sh", "dpo_training.py"), ("run_ppo.sh", "ppo_training.py"), ("run_orpo.sh", "orpo_training.py"),
+    ("run_kto.sh", "kto_training.py"), ("run_grpo.sh", "grpo_training.py"),
 ])
 def test_launchers_hand_the_node_layout_to_torchrun(tmp_path, tiny_dir, script, stage_script):
     if not (ROOT / script).is_file():
