@@ -546,7 +546,7 @@ def stub_pipeline(tmp_path) -> Path:
     shutil.copy(ROOT / "run_pipeline.sh", root)
     for stage in ("pt", "sft", "rm", "ppo", "dpo"):
         (root / f"run_{stage}.sh").write_text(STUB_LAUNCHER)
-    for script in ("merge_peft_adapter.py", "pipeline_summary.py"):
+    for script in ("merge_peft_adapter.py", "eval_benchmarks.py", "pipeline_summary.py"):
         (root / script).write_text(STUB_PYTHON)
     return root
 
@@ -575,7 +575,7 @@ def test_pipeline_continues_from_the_failed_stage_keeping_earlier_outputs(stub_p
     proc = pipeline(root, "--from", "rm")
     assert proc.returncode == 0, proc.stderr
     assert calls(root) == ["run_rm", "run_ppo", "merge_peft_adapter.py", "run_dpo", "merge_peft_adapter.py",
-                           "pipeline_summary.py"]
+                           *["eval_benchmarks.py"] * 4, "pipeline_summary.py"]  # base, SFT, DPO, PPO evaluated
     assert all(p.read_bytes() == data for p, data in kept.items())  # PT and SFT outputs reused as they were
     assert [p.name.split("-")[0] for p in out.glob("rm.failed-*")] == ["rm.failed"]  # the failed attempt, aside
     assert not list(root.glob("out.prev-*"))  # --from never moves the pipeline dir aside
@@ -590,13 +590,13 @@ def test_pipeline_from_a_preempted_stage_resumes_its_checkpoint(stub_pipeline):
     assert pipeline(root, "--from", "dpo").returncode == 0
     dpo_call = (root / "calls.log").read_text().splitlines()[0]
     assert dpo_call.startswith("run_dpo ") and dpo_call.endswith("--resume_from_checkpoint auto")
-    assert calls(root) == ["run_dpo", "merge_peft_adapter.py", "pipeline_summary.py"]
+    assert calls(root) == ["run_dpo", "merge_peft_adapter.py", *["eval_benchmarks.py"] * 4, "pipeline_summary.py"]
     assert (out / "dpo" / "checkpoint-4").is_dir() and list(out.glob("dpo-merged.failed-*"))
 
 
 def test_pipeline_from_refuses_an_unknown_stage_or_missing_inputs(stub_pipeline):
     proc = pipeline(stub_pipeline, "--from", "sfr")
-    assert proc.returncode == 2 and "--from sfr: unknown stage; choose one of: pt sft rm ppo dpo summary" in proc.stderr
+    assert proc.returncode == 2 and "--from sfr: unknown stage; choose one of: pt sft rm ppo dpo eval summary" in proc.stderr
     proc = pipeline(stub_pipeline, "--from", "rm")
     assert proc.returncode == 2 and "--from rm needs out/sft-merged from an earlier run, which is missing" in proc.stderr
     assert calls(stub_pipeline) == []
