@@ -51,8 +51,9 @@ def _glibc() -> bool:
 
 _IMPORT_ALL = """
 import importlib, json, os, pkgutil
-# the libraries medtrain builds on set variables of their own at import (torch's inductor: TORCHINDUCTOR_CACHE_DIR)
-import accelerate, datasets, peft, torch, transformers, trl
+# the libraries medtrain builds on set variables of their own at import (torch's inductor: TORCHINDUCTOR_CACHE_DIR;
+# lm_eval: HF_XET_HIGH_PERFORMANCE): import them first, so only medtrain's own changes count
+import accelerate, datasets, lm_eval, peft, torch, transformers, trl
 before = dict(os.environ)
 import medtrain
 names = sorted(m.name for m in pkgutil.walk_packages(medtrain.__path__, "medtrain."))
