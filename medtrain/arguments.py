@@ -395,7 +395,7 @@ def check_arguments(model_args: ModelArguments, lora_args: LoraArguments, traini
         device_count = torch.cuda.device_count()
     problems.extend(distributed_problems(model_args, lora_args, training_args, cuda=cuda, device_count=device_count))
     if not cuda and not getattr(training_args, "use_cpu", True):
-        problems.append("--use_cpu False on a machine without a GPU: leave use_cpu on (see README, distributed).")
+        problems.append("--use_cpu False on a machine without a GPU: leave use_cpu on (see docs/distributed.md).")
     if lora_args.peft_path and not lora_args.use_peft:
         problems.append("--peft_path continues a LoRA adapter: it needs --use_peft True.")
     if problems:

@@ -613,7 +613,7 @@ def test_cpu_refuses_gpu_only_precision_and_backends(tmp_path, monkeypatch):
     ]
     assert _check(tmp_path, monkeypatch, bf16=True) == []  # bf16 autocast works on CPU (use_cpu)
     assert _check(tmp_path, monkeypatch, use_cpu=False) == [
-        "--use_cpu False on a machine without a GPU: leave use_cpu on (see README, distributed)."]
+        "--use_cpu False on a machine without a GPU: leave use_cpu on (see docs/distributed.md)."]
 
 
 def test_gpu_refuses_bf16_before_ampere_and_more_ranks_than_gpus(tmp_path, monkeypatch):
