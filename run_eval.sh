@@ -4,17 +4,24 @@
 #   MODEL=outputs-sft-merged OUTPUT_DIR=outputs-eval-sft bash run_eval.sh --limit 20
 #   MODEL=outputs-pt-merged LORA=outputs-sft BENCH=my_exam/ bash run_eval.sh --num_fewshot 5 --log_samples
 #   TRAIN_DATA=data/pretrain,data/sft bash run_eval.sh      # also report questions that overlap the training data
-# Extra arguments are passed to eval_benchmarks.py and override the defaults below.
+# Settings: examples/eval.yaml (the one place for this launcher's defaults); env vars and extra arguments are
+# passed after it as flags and override it (`python eval_benchmarks.py --help`).
 set -euo pipefail
 cd "$(dirname "$0")"
-MODEL=${MODEL:-models/SmolLM2-135M-Instruct}
+# env vars given -> flags after the YAML (unset ones leave the YAML/script default in force)
+flags=()
+if [ -n "${MODEL:-}" ]; then flags+=(--model_name_or_path "$MODEL"); fi
 SHARED_CMMLU=../shared/data/eval/cmmlu_medical
-BENCH=${BENCH:-data/eval$([ -d "$SHARED_CMMLU" ] && echo ",$SHARED_CMMLU" || true)}
-OUTPUT_DIR=${OUTPUT_DIR:-outputs-eval}
-if [ "$MODEL" = "models/SmolLM2-135M-Instruct" ] && [ ! -f "$MODEL/config.json" ]; then
-  python prepare_model.py --output_dir "$MODEL"
+if [ -n "${BENCH:-}" ]; then
+  flags+=(--benchmark_dir "$BENCH")
+elif [ -d "$SHARED_CMMLU" ]; then  # the shared CMMLU medical subjects join examples/eval.yaml's data/eval
+  flags+=(--benchmark_dir "data/eval,$SHARED_CMMLU")
 fi
-args=(--model_name_or_path "$MODEL" --benchmark_dir "$BENCH" --output_dir "$OUTPUT_DIR" --batch_size 8)
-if [ -n "${LORA:-}" ]; then args+=(--lora_model "$LORA"); fi
-if [ -n "${TRAIN_DATA:-}" ]; then args+=(--train_file_dir "$TRAIN_DATA"); fi
-exec python eval_benchmarks.py "${args[@]}" "$@"
+if [ -n "${OUTPUT_DIR:-}" ]; then flags+=(--output_dir "$OUTPUT_DIR"); fi
+if [ -n "${LORA:-}" ]; then flags+=(--lora_model "$LORA"); fi
+if [ -n "${TRAIN_DATA:-}" ]; then flags+=(--train_file_dir "$TRAIN_DATA"); fi
+if [ "${MODEL:-models/SmolLM2-135M-Instruct}" = "models/SmolLM2-135M-Instruct" ] \
+   && [ ! -f models/SmolLM2-135M-Instruct/config.json ]; then  # the default model of examples/eval.yaml
+  python prepare_model.py --output_dir models/SmolLM2-135M-Instruct
+fi
+exec python eval_benchmarks.py examples/eval.yaml "${flags[@]}" "$@"

@@ -15,9 +15,12 @@ from conftest import ROOT
 EXAMPLES = ROOT / "examples"
 # examples/<stage>.yaml -> the script that reads it (the launcher run_<stage>.sh passes it first)
 STAGES = {"pt": "pretraining", "sft": "supervised_finetuning", "rm": "reward_modeling", "ppo": "ppo_training",
-          "dpo": "dpo_training"}
+          "dpo": "dpo_training", "orpo": "orpo_training", "kto": "kto_training", "grpo": "grpo_training",
+          "eval": "eval_benchmarks"}
 # Keys that locate the run rather than set a default: they may equal a default (None) without being a duplicate.
-PATH_KEYS = {"model_name_or_path", "train_file_dir", "reward_model_name_or_path"}
+PATH_KEYS = {"model_name_or_path", "train_file_dir", "reward_model_name_or_path", "benchmark_dir"}
+# Per stage, fields the script requires (no default at all): a value there cannot repeat a default.
+REQUIRED = {"eval": {"output_dir"}}
 
 
 class Parsed(Exception):
@@ -65,9 +68,10 @@ def test_example_parses_and_repeats_no_default(stage, monkeypatch):
         assert parsed[key] == value or str(parsed[key]) == str(value) or (
             isinstance(parsed[key], list) and parsed[key] == [value]), (key, parsed[key], value)
     # one place per default: a key that the script already defaults to the same value is a duplicate
-    required = {k: settings[k] for k in PATH_KEYS if k in settings}
+    located = PATH_KEYS | REQUIRED.get(stage, set())
+    required = {k: settings[k] for k in located if k in settings}
     baseline = parse_stage(monkeypatch, STAGES[stage], [f"--{k}={v}" for k, v in required.items()])
-    duplicates = sorted(k for k in set(settings) - PATH_KEYS if baseline[k] == parsed[k])
+    duplicates = sorted(k for k in set(settings) - located if baseline[k] == parsed[k])
     assert not duplicates, f"{path.name}: {duplicates} repeat the script's own default; drop them (or comment them)"
 
 
