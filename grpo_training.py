@@ -33,6 +33,7 @@ from medtrain.grpo import (
 )
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
 from medtrain.questions import QUESTION_EXTENSIONS, load_questions
+from medtrain.plotting import save_training_curves
 from medtrain.resilience import resilience_callbacks
 from medtrain.reward import check_reward_model_matches, load_reward_scorer
 from medtrain.runtime import start_run, write_results
@@ -98,6 +99,7 @@ def main(args: list[str] | None = None):
         metrics = dict(result.metrics, train_samples=len(train_dataset))
         trainer.save_metrics("train", metrics)
         write_results(training_args.output_dir, "train", metrics)
+        save_training_curves(training_args.output_dir, trainer.state.log_history, title="GRPO")  # reward, KL, ...
     return trainer
 
 

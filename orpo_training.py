@@ -25,6 +25,7 @@ from medtrain.entrypoint import run_main
 from medtrain.formats import load_preferences
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
 from medtrain.orpo import OUTPUT_DIRS, ORPOArguments, build_orpo_trainer, check_orpo_arguments, method_for
+from medtrain.plotting import save_training_curves
 from medtrain.resilience import resilience_callbacks
 from medtrain.runtime import start_run, write_results
 
@@ -90,6 +91,8 @@ def main(args: list[str] | None = None):
         if trainer.is_world_process_zero():
             trainer.save_metrics("eval", metrics)
             write_results(training_args.output_dir, "eval", metrics)
+    if trainer.is_world_process_zero():  # output_dir/training_curves.png, train and eval series
+        save_training_curves(training_args.output_dir, trainer.state.log_history, title=loss_type.upper())
     return trainer
 
 

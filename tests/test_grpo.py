@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from matplotlib.image import imread
 
 from conftest import CHATML_TEMPLATE, build_model, build_tokenizer, requires_shared, shared_path
 from medtrain.errors import ConfigError, DataError
@@ -221,6 +222,7 @@ def test_grpo_rewards_logged_weighted_rising_and_kill9_resume(tmp_path):
             assert abs(resumed_log[step][key] - full[step][key]) <= 1e-5 * max(1.0, abs(full[step][key])), (step, key)
     assert (crashed / "adapter_model.safetensors").is_file()
     assert json.loads((crashed / "medtrain_chat_format.json").read_text())["kind"] == "tokenizer"
+    assert imread(crashed / "training_curves.png").size > 0  # reward/KL curves, drawn at the end
     # the adapter merges into the base like every other stage's
     import merge_peft_adapter
 

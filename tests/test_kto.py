@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from matplotlib.image import imread
 
 from medtrain.errors import DataError
 from medtrain.kto import class_weights, encode_kto_dataset, load_kto_examples
@@ -126,6 +127,7 @@ def test_kto_lora_margin_rises_weights_balanced_and_merges(tiny_chat_model_dir, 
         for key in ("loss", "kl"):
             assert abs(again[step][key] - steps[step - 1][key]) <= 1e-5 * max(1.0, abs(steps[step - 1][key])), key
     assert json.loads((out / "medtrain_chat_format.json").read_text())["kind"] == "tokenizer"
+    assert imread(out / "training_curves.png").size > 0  # the loss/reward curves, drawn at the end
     assert not (out / "ref").exists()  # fresh adapter: no reference adapter saved
     merge_peft_adapter.main(["--base_model", str(tiny_chat_model_dir), "--lora_model", str(out),
                              "--output_dir", str(tmp_path / "merged")])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from matplotlib.image import imread
 
 from medtrain.errors import ConfigError
 from medtrain.orpo import PretokenizedPairsMixin, method_for
@@ -77,6 +78,7 @@ def test_orpo_lora_loss_falls_and_the_adapter_merges(tiny_chat_model_dir, tmp_pa
     assert "eval_log_odds_ratio" in (out / "eval_results.json").read_text()
     assert json.loads((out / "medtrain_chat_format.json").read_text())["kind"] == "tokenizer"
     assert (out / "adapter_model.safetensors").is_file()
+    assert imread(out / "training_curves.png").size > 0  # the loss curve, drawn at the end
     merge_peft_adapter.main(["--base_model", str(tiny_chat_model_dir), "--lora_model", str(out),
                              "--output_dir", str(tmp_path / "merged")])
     assert (tmp_path / "merged" / "model.safetensors").is_file()
