@@ -40,7 +40,7 @@ def common(train, evaluation, out):
 
 def before_train_after(trainer):
     threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     try:
         before = trainer.evaluate()
         trainer.train()

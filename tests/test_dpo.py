@@ -460,7 +460,7 @@ def test_smollm2_dpo_on_real_pairs(tmp_path, capsys):
     # SmolLM2's tokenizer spends ~1,000 tokens on a median pair of this Chinese data; 192 tokens keep the run to
     # minutes on 2 cores. --truncation reply keeps every pair: the end of the prompt and the start of both replies.
     threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # the module runs tiny models on one thread; this one is real
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the module runs tiny models on one thread; this one is real
     try:
         trainer = run_dpo(*quiet_args(
             SMOL, tmp_path / "train", tmp_path / "out", "--validation_file_dir", tmp_path / "eval",

@@ -312,7 +312,7 @@ def test_smollm2_learns_glaive_tool_calls_and_a_held_out_call_parses(tmp_path, c
     data.mkdir()
     (data / "train.json").write_text(json.dumps(train, ensure_ascii=False), encoding="utf-8")
     threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     try:
         trainer = supervised_finetuning.main([
             "--model_name_or_path", str(smol), "--train_file_dir", str(data), "--output_dir", str(tmp_path / "out"),
