@@ -136,14 +136,18 @@ _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 
 def _qwen_parse(text: str) -> tuple[str, list[dict]]:
-    calls = []
+    # Well-formed blocks become calls and leave the content; a malformed block stays in it, as vLLM's hermes parser
+    # does, so the client sees what the model wrote.
+    calls, content, end = [], [], 0
     for match in _TOOL_CALL.finditer(text):
         found = _json_objects(match.group(1))
         call = _as_call(found[0][2]) if found else None
         if call:
             calls.append(call)
-    first = text.find("<tool_call>")
-    return (text if first < 0 else text[:first]).strip(), calls
+            content.append(text[end:match.start()])
+            end = match.end()
+    content.append(text[end:])
+    return "".join(content).strip(), calls
 
 
 # ---- llama3: JSON {"name", "parameters"} (Llama 3.1/3.2 JSON tool calling), results in an ipython turn --------------
@@ -184,7 +188,7 @@ def _mistral_parse(text: str) -> tuple[str, list[dict]]:
     if at < 0:
         return text.strip(), []
     _, calls = _json_calls_parse(text[at + len("[TOOL_CALLS]"):], "arguments")
-    return text[:at].strip(), calls
+    return (text[:at] if calls else text).strip(), calls  # no well-formed call: the text stays the content
 
 
 # ---- glm4: "name\n{arguments}" replies, tools listed in the system turn (GLM-4-9B-chat) ------------------------------

@@ -232,7 +232,12 @@ def test_every_tool_format_parses_its_own_calls(name):
 def test_parse_keeps_content_and_refuses_malformed_calls():
     assert parse_tool_calls('Let me check.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>', "qwen") == (
         "Let me check.", [{"name": "f", "arguments": {"x": 1}}])
-    assert parse_tool_calls("<tool_call>\n{not json}\n</tool_call>", "qwen") == ("", [])
+    # a malformed call stays in the content (never guessed at, never lost), in every format
+    bad = "<tool_call>\n{not json}\n</tool_call>"
+    assert parse_tool_calls(bad, "qwen") == (bad, [])
+    good = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    assert parse_tool_calls(f"A {good}\n{bad} B", "qwen") == (f"A \n{bad} B", [{"name": "f", "arguments": {}}])
+    assert parse_tool_calls("[TOOL_CALLS] [{oops", "mistral") == ("[TOOL_CALLS] [{oops", [])
     assert parse_tool_calls('Action: f\nAction Input: {"x": [1, 2]}', "default") == ("", [{"name": "f", "arguments": {"x": [1, 2]}}])
     assert parse_tool_calls("Action: f\nAction Input: nope", "default") == ("Action: f\nAction Input: nope", [])
 
