@@ -83,22 +83,40 @@ def test_smollm2_kto_held_out_preference(tmp_path, capsys):
 @needs_smol
 @requires_shared
 def test_smollm2_grpo_on_exam_questions(tmp_path, capsys):
-    """CMMLU anatomy questions 0-31 (the evaluation stage's held-out set must exclude them), accuracy + format."""
+    """GRPO on CMMLU anatomy questions 0-31 (accuracy + format rewards), then the evaluation stage on anatomy questions
+    32-147, which training never saw: the base model and the GRPO adapter (unmerged) scored on the same prompts."""
+    import eval_benchmarks
     import grpo_training
 
     source = shared_path("data", "eval", "cmmlu_medical", "test", "anatomy.csv").read_text(encoding="utf-8")
     lines = source.splitlines()
     (tmp_path / "exam").mkdir()
     (tmp_path / "exam" / "anatomy_train.csv").write_text("\n".join(lines[:33]) + "\n", encoding="utf-8")
-    trainer = grpo_training.main([
-        "--model_name_or_path", str(SMOL), "--train_file_dir", str(tmp_path / "exam"), "--output_dir",
-        str(tmp_path / "out"), "--reward_funcs", "accuracy", "format", "--reward_weights", "1.0", "0.5",
-        "--system_prompt", "Think step by step inside <think> </think>, then give the answer letter after </think>.",
-        "--num_generations", "4", "--per_device_train_batch_size", "8", "--max_completion_length", "64",
-        "--max_steps", "8", "--learning_rate", "1e-5", "--logging_steps", "1", "--save_strategy", "no",
-        "--report_to", "none", "--disable_tqdm", "True"])
+    (tmp_path / "held_out").mkdir()
+    (tmp_path / "held_out" / "anatomy.csv").write_text("\n".join(lines[:1] + lines[33:]) + "\n", encoding="utf-8")
+    system = "Think step by step inside <think> </think>, then give the answer letter after </think>."
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        trainer = grpo_training.main([
+            "--model_name_or_path", str(SMOL), "--train_file_dir", str(tmp_path / "exam"), "--output_dir",
+            str(tmp_path / "out"), "--reward_funcs", "accuracy", "format", "--reward_weights", "1.0", "0.5",
+            "--system_prompt", system, "--num_generations", "4", "--per_device_train_batch_size", "8",
+            "--max_completion_length", "64", "--max_steps", "8", "--learning_rate", "1e-5", "--logging_steps", "1",
+            "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True"])
+        held_out = {}
+        for name, adapter in (("base", []), ("grpo", ["--lora_model", str(tmp_path / "out")])):
+            result = eval_benchmarks.main([
+                "--model_name_or_path", str(SMOL), *adapter, "--benchmark_dir", str(tmp_path / "held_out"),
+                "--output_dir", str(tmp_path / f"eval-{name}"), "--chat_template", "True", "--system_prompt", system])
+            held_out[name] = result["subjects"]["anatomy"]
+    finally:
+        torch.set_num_threads(threads)
     logged = [e for e in trainer.state.log_history if "rewards/accuracy/mean" in e]
     report = {k: [round(e[k], 3) for e in logged] for k in ("rewards/accuracy/mean", "rewards/format/mean", "reward")}
     with capsys.disabled():
-        print("\nSmolLM2 GRPO on CMMLU anatomy, per step:", json.dumps(report))
+        print("\nSmolLM2 GRPO on CMMLU anatomy 0-31, per step:", json.dumps(report))
+        print("held-out anatomy 32-147 (evaluation stage, 0-shot, chat template + the GRPO system prompt):",
+              json.dumps({k: {m: v[m] for m in ("n", "acc", "acc_stderr")} for k, v in held_out.items()}))
     assert len(logged) == 8 and all(0.0 <= e["rewards/accuracy/mean"] <= 1.0 for e in logged)
+    assert held_out["base"]["n"] == held_out["grpo"]["n"] == len(lines) - 33
