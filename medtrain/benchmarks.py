@@ -93,7 +93,7 @@ class Subject:
 # Readers (each returns {subject name: [Question]} for one file)
 
 
-def _subject_from_file(path: str) -> str:
+def subject_from_file(path: str) -> str:
     stem = os.path.splitext(os.path.basename(path))[0]
     return re.sub(r"_(test|dev|val)$", "", stem)
 
@@ -114,7 +114,7 @@ class CsvRow(Record):
         return self.columns.get(key, key)
 
 
-def _field(record: Record, key: str) -> str:
+def field_name(record: Record, key: str) -> str:
     """How an error names field ``key``: the CSV column as the header spells it, else the JSON key."""
     return record.column(key) if isinstance(record, CsvRow) else key
 
@@ -176,7 +176,7 @@ def iter_csv_rows(path: str, options_required: bool = True) -> Iterator[CsvRow |
 
 def read_csv(path: str) -> dict[str, list[Question]]:
     """A CMMLU-layout CSV (one subject, named after the file); the first bad row stops with its file:line."""
-    subject = _subject_from_file(path)
+    subject = subject_from_file(path)
     questions = []
     for row in iter_csv_rows(path):
         if isinstance(row, DataError):
@@ -220,7 +220,7 @@ def parse_mc_record(record: Record, default_subject: str) -> tuple[str, Question
     question = data.get(key)
     if not isinstance(question, str) or not question.strip():
         if from_csv:
-            raise record.error("empty question", field=_field(record, key))
+            raise record.error("empty question", field=field_name(record, key))
         raise record.error("missing or empty (the generic layout needs question, options or A..E, answer)", field=key)
     # options: a list, an A/B/C... mapping, or the keys (CSV columns) A..E themselves
     keyed = [letter for letter in LETTERS if letter in data]
@@ -251,7 +251,7 @@ def parse_mc_record(record: Record, default_subject: str) -> tuple[str, Question
     for letter, option in zip(letters, options):
         if not isinstance(option, str) or not option.strip():
             if from_csv:
-                raise record.error(f"option {letter} is empty", field=_field(record, letter))
+                raise record.error(f"option {letter} is empty", field=field_name(record, letter))
             raise record.error("option text must be a non-empty string", field=f"options[{letter}]")
     # the answer: a letter (any case), or in JSON a 0-based index
     answer = data.get("answer")
@@ -259,7 +259,7 @@ def parse_mc_record(record: Record, default_subject: str) -> tuple[str, Question
         letter = answer.strip().upper()
         if letter not in letters or not letter:
             raise record.error(f"answer {letter or '(empty)'!r} is not one of the options {', '.join(letters)}",
-                               field=_field(record, "answer"))
+                               field=field_name(record, "answer"))
         index = letters.index(letter)
     elif answer is None:
         raise record.error(f"missing: the letter of the right option ({', '.join(letters)}) or its 0-based index",
@@ -288,7 +288,7 @@ def read_mc_jsonl(path: str, records: list[Record] | None = None) -> dict[str, l
     """The generic multiple-choice layout (JSON Lines, or a JSON array of the same objects)."""
     by_subject: dict[str, list[Question]] = {}
     for record in records if records is not None else iter_json_records(path):
-        subject, question = parse_mc_record(record, _subject_from_file(path))
+        subject, question = parse_mc_record(record, subject_from_file(path))
         by_subject.setdefault(subject, []).append(question)
     if not by_subject:
         raise DataError("no questions in the file", file=path)

@@ -122,14 +122,14 @@ def test_question_layouts(tmp_path):
 @pytest.mark.parametrize("name, text, expected", [
     ("q.jsonl", '{"question": "a", "answer": "b"}\n{"question": "no answer"}\n', "q.jsonl:2: answer: missing the reference answer"),
     ("q.jsonl", '{"question": "a", "answer": "b"}\n{"query": "x", "answer": "b"}\n', "q.jsonl:2: question: no 'question' field"),
-    ("q.jsonl", '{"question": "a", "options": ["x", "y"], "answer": "C"}\n', "q.jsonl:1: answer: expected the letter of an option (A, B), got 'C'"),
-    ("q.jsonl", '{"question": "a", "options": ["x"], "answer": "A"}\n', "q.jsonl:1: options: expected a list"),
-    ("q.jsonl", '{"question": "a", "options": ["x", "y"], "answer": 2}\n', "q.jsonl:1: answer: option index 2 is out of range (0 to 1)"),
+    ("q.jsonl", '{"question": "a", "options": ["x", "y"], "answer": "C"}\n', "q.jsonl:1: answer: 'C' is not one of the options A, B (a letter, or a 0-based index below 2)"),
+    ("q.jsonl", '{"question": "a", "options": ["x"], "answer": "A"}\n', "q.jsonl:1: options: must be a list of 2 to 5 option texts"),
+    ("q.jsonl", '{"question": "a", "options": ["x", "y"], "answer": 2}\n', "q.jsonl:1: answer: 2 is not one of the options A, B (a letter, or a 0-based index below 2)"),
     ("q.jsonl", '{"question": "a", "answer": "b", "answer_type": "essay"}\n', "q.jsonl:1: answer_type: expected one of choice, math, text"),
     ("q.jsonl", '{"question": "a", "answer": "b", "answer_type": "choice"}\n', "q.jsonl:1: options: answer_type choice needs options"),
     ("q.jsonl", '{"question": "a", "answer": ["b"]}\n', "q.jsonl:1: answer: expected a string, got list"),
-    ("q.csv", "Question,A,B,Answer\nq,x,y,A\nq,x,y\n", "q.csv:3: expected 4 columns as in the header, got 3"),
-    ("q.csv", "Question,A,B\nq,x,y\n", "q.csv:1: CSV header ['Question', 'A', 'B'] lacks answer"),
+    ("q.csv", "Question,A,B,Answer\nq,x,y,A\nq,x,y\n", "q.csv:3: 3 fields, the header has 4 (an unquoted comma or quote in a field?)"),
+    ("q.csv", "Question,A,B\nq,x,y\n", "q.csv:1: header: missing column 'Answer' (the CMMLU layout is ,Question,A,B,C,D,Answer; found Question,A,B)"),
 ])
 def test_bad_question_files_name_file_line_and_field(tmp_path, name, text, expected):
     path = write(tmp_path / name, text)
