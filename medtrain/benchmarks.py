@@ -5,16 +5,19 @@ examples for k-shot prompts, every other file holds test questions:
 
 - CMMLU-style CSV (``*.csv``, one file per subject): header ``,Question,A,B,C,D,Answer`` (the first, unnamed column
   is an index and optional; names are case-insensitive, so C-Eval/CMB exports ``id,question,A,B,C,D,answer`` read
-  too; options A..E, at least two). The subject is the file name without ``.csv`` (and without a C-Eval
-  ``_test``/``_dev``/``_val`` suffix).
-- Generic multiple choice (``*.jsonl`` or a ``*.json`` array): one object per question with ``question``; the options
-  as ``options`` (a list) or keys ``A``..``E``; ``answer`` a letter (``"B"``) or a 0-based index (``1``); optional
+  too; options A..E, at least two, without gaps). The subject is the file name without ``.csv`` (and without a
+  C-Eval ``_test``/``_dev``/``_val`` suffix).
+- Generic multiple choice (``*.jsonl`` or a ``*.json`` array): one object per question with ``question`` (or
+  ``prompt``); the options as ``options`` (a list, or a mapping ``{"A": .., "B": ..}``) or keys ``A``..``E`` (2 to 5
+  texts; JSON numbers are read as text); ``answer`` a letter (``"B"``) or a 0-based index (``1``); optional
   ``subject`` (default: the file name), ``context`` (text shown before the question) and ``id``.
 - PubMedQA PQA-L (``*.json``, a dict PMID -> ``{"QUESTION", "CONTEXTS", "final_decision"}``). A ground-truth file
   (dict PMID -> "yes"/"no"/"maybe", e.g. ``pubmedqa_test_ground_truth.json``) beside it selects the test PMIDs
   (kept in the PQA-L file's order); the other PMIDs become the dev pool for k-shot. Without one, every PMID is a
   test question.
 
+The multiple-choice reader (:func:`iter_csv_rows`, :func:`parse_mc_record`) is also GRPO's
+(:mod:`medtrain.questions`): a file trains GRPO exactly as it is scored here, with the same errors.
 Everything is checked before anything is written: the first bad record stops the run with ``file:line: field:``.
 :func:`write_tasks` then writes the normalised questions as JSON Lines and one lm-eval task YAML per subject
 (``dataset_path: json`` + ``data_files``), so ``lm_eval --include_path OUT/tasks`` re-runs the exact same questions.
