@@ -93,10 +93,11 @@ class Subject:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Readers (each returns {subject name: [Question]} for one file)
+# Readers: multiple choice (shared with GRPO) and PubMedQA; read_* return {subject name: [Question]} per file
 
 
 def subject_from_file(path: str) -> str:
+    """A file's default subject: its name without the extension and a C-Eval ``_test``/``_dev``/``_val`` suffix."""
     stem = os.path.splitext(os.path.basename(path))[0]
     return re.sub(r"_(test|dev|val)$", "", stem)
 
@@ -260,7 +261,7 @@ def parse_mc_record(record: Record, default_subject: str) -> tuple[str, Question
     answer = data.get("answer")
     if from_csv:
         letter = answer.strip().upper()
-        if letter not in letters or not letter:
+        if not letter or letter not in letters:  # '' is in every string
             raise record.error(f"answer {letter or '(empty)'!r} is not one of the options {', '.join(letters)}",
                                field=field_name(record, "answer"))
         index = letters.index(letter)
