@@ -5,16 +5,19 @@ examples for k-shot prompts, every other file holds test questions:
 
 - CMMLU-style CSV (``*.csv``, one file per subject): header ``,Question,A,B,C,D,Answer`` (the first, unnamed column
   is an index and optional; names are case-insensitive, so C-Eval/CMB exports ``id,question,A,B,C,D,answer`` read
-  too; options A..E, at least two). The subject is the file name without ``.csv`` (and without a C-Eval
-  ``_test``/``_dev``/``_val`` suffix).
-- Generic multiple choice (``*.jsonl`` or a ``*.json`` array): one object per question with ``question``; the options
-  as ``options`` (a list) or keys ``A``..``E``; ``answer`` a letter (``"B"``) or a 0-based index (``1``); optional
+  too; options A..E, at least two, without gaps). The subject is the file name without ``.csv`` (and without a
+  C-Eval ``_test``/``_dev``/``_val`` suffix).
+- Generic multiple choice (``*.jsonl`` or a ``*.json`` array): one object per question with ``question`` (or
+  ``prompt``); the options as ``options`` (a list, or a mapping ``{"A": .., "B": ..}``) or keys ``A``..``E`` (2 to 5
+  texts; JSON numbers are read as text); ``answer`` a letter (``"B"``) or a 0-based index (``1``); optional
   ``subject`` (default: the file name), ``context`` (text shown before the question) and ``id``.
 - PubMedQA PQA-L (``*.json``, a dict PMID -> ``{"QUESTION", "CONTEXTS", "final_decision"}``). A ground-truth file
   (dict PMID -> "yes"/"no"/"maybe", e.g. ``pubmedqa_test_ground_truth.json``) beside it selects the test PMIDs
   (kept in the PQA-L file's order); the other PMIDs become the dev pool for k-shot. Without one, every PMID is a
   test question.
 
+The multiple-choice reader (:func:`iter_csv_rows`, :func:`parse_mc_record`) is also GRPO's
+(:mod:`medtrain.questions`): a file trains GRPO exactly as it is scored here, with the same errors.
 Everything is checked before anything is written: the first bad record stops the run with ``file:line: field:``.
 :func:`write_tasks` then writes the normalised questions as JSON Lines and one lm-eval task YAML per subject
 (``dataset_path: json`` + ``data_files``), so ``lm_eval --include_path OUT/tasks`` re-runs the exact same questions.
@@ -28,7 +31,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import ConfigError, DataError
 from .formats import _DECODER, Record, iter_json_records, read_text  # _DECODER: duplicated keys are an error
@@ -90,10 +93,11 @@ class Subject:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Readers (each returns {subject name: [Question]} for one file)
+# Readers: multiple choice (shared with GRPO) and PubMedQA; read_* return {subject name: [Question]} per file
 
 
-def _subject_from_file(path: str) -> str:
+def subject_from_file(path: str) -> str:
+    """A file's default subject: its name without the extension and a C-Eval ``_test``/``_dev``/``_val`` suffix."""
     stem = os.path.splitext(os.path.basename(path))[0]
     return re.sub(r"_(test|dev|val)$", "", stem)
 
@@ -102,91 +106,177 @@ def _line_of(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
-def read_csv(path: str) -> dict[str, list[Question]]:
-    """A CMMLU-layout CSV: header ``,Question,A,B,C,D,Answer``; quoted fields may span lines."""
+@dataclass
+class CsvRow(Record):
+    """One data row of a CSV file. ``data`` maps each named column to its cell, keyed ``question``, ``answer``,
+    ``A``..``E`` and the other names in lower case; ``columns`` maps those keys back to the header's own spelling,
+    so an error names the column as the file does (``Answer``)."""
+
+    columns: dict[str, str] = field(default_factory=dict)
+
+    def column(self, key: str) -> str:
+        return self.columns.get(key, key)
+
+
+def field_name(record: Record, key: str) -> str:
+    """How an error names field ``key``: the CSV column as the header spells it, else the JSON key."""
+    return record.column(key) if isinstance(record, CsvRow) else key
+
+
+def iter_csv_rows(path: str, options_required: bool = True) -> Iterator[CsvRow | DataError]:
+    """The rows of a CMMLU-layout CSV (header ``,Question,A,B,C,D,Answer``; quoted fields may span lines), each
+    with the line it starts on; blank rows are skipped.
+
+    Whole-file problems (empty, not UTF-8, a bad header, malformed quoting, a header without rows) are raised; a
+    row whose field count differs from the header's is yielded as a DataError, so a caller that collects bad
+    records reads on. The option columns must be ``A``, ``B``, ... without gaps; with ``options_required`` off a
+    header with none at all is accepted too (GRPO's open ``Question,Answer`` questions).
+    """
     text = read_text(path)
     if not text.strip():
         raise DataError("file is empty (a CMMLU-layout CSV needs the header ,Question,A,B,C,D,Answer)", file=path)
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         raw_header = next(reader)
-        header = [h.strip().lower() for h in raw_header]
-        columns = {name: i for i, name in enumerate(header) if name}
+        keys, columns = [], {}
+        for name in raw_header:
+            key = name.strip().lower()
+            key = key.upper() if len(key) == 1 and key.upper() in LETTERS else key
+            if key and key in columns:
+                raise DataError(f"column {name.strip()!r} appears twice (found {','.join(raw_header)})", file=path,
+                                line=1, field="header")
+            keys.append(key)
+            if key:
+                columns[key] = name.strip()
         for required in ("question", "answer"):
             if required not in columns:
                 raise DataError(f"missing column {required.capitalize()!r} (the CMMLU layout is "
                                 f",Question,A,B,C,D,Answer; found {','.join(raw_header)})", file=path, line=1,
                                 field="header")
-        letters = ""
-        for letter in LETTERS:
-            if letter.lower() not in columns:
-                break
-            letters += letter
-        if len(letters) < 2:
+        letters = [letter for letter in LETTERS if letter in columns]
+        if letters != list(LETTERS[: len(letters)]):
+            raise DataError(f"option columns must be A, B, C, ... without gaps, found {','.join(raw_header)}",
+                            file=path, line=1, field="header")
+        if len(letters) < 2 and (options_required or letters):
             raise DataError(f"missing option columns: need A, B (and C, D, E as the benchmark has), found "
                             f"{','.join(raw_header)}", file=path, line=1, field="header")
-        questions = []
+        rows = 0
         start = reader.line_num + 1
         for row in reader:
             line, start = start, reader.line_num + 1
             if not any(cell.strip() for cell in row):
                 continue
-            if len(row) != len(header):
-                raise DataError(f"{len(row)} fields, the header has {len(header)} (an unquoted comma or "
-                                "quote in a field?)", file=path, line=line)
-            question = row[columns["question"]].strip()
-            if not question:
-                raise DataError("empty question", file=path, line=line, field="Question")
-            options = [row[columns[letter.lower()]].strip() for letter in letters]
-            answer = row[columns["answer"]].strip().upper()
-            if answer not in letters or not options[letters.index(answer)]:
-                offered = ", ".join(letter for letter, option in zip(letters, options) if option)
-                raise DataError(f"answer {answer or '(empty)'!r} is not one of the options {offered}",
-                                file=path, line=line, field="Answer")
-            for letter, option in zip(letters, options):
-                if not option:
-                    raise DataError(f"option {letter} is empty", file=path, line=line, field=letter)
-            questions.append(Question(question, options, letters.index(answer), f"{path}:{line}"))
+            rows += 1
+            if len(row) != len(keys):
+                yield DataError(f"{len(row)} fields, the header has {len(keys)} (an unquoted comma or quote in a "
+                                "field?)", file=path, line=line)
+                continue
+            yield CsvRow({key: cell for key, cell in zip(keys, row) if key}, path, line, columns)
     except csv.Error as err:
         raise DataError(f"malformed CSV ({err})", file=path, line=reader.line_num) from None
-    if not questions:
+    if not rows:
         raise DataError("no questions: the file has a header but no rows", file=path)
-    return {_subject_from_file(path): questions}
 
 
-def _mc_record(record: Record, default_subject: str) -> tuple[str, Question]:
+def read_csv(path: str) -> dict[str, list[Question]]:
+    """A CMMLU-layout CSV (one subject, named after the file); the first bad row stops with its file:line."""
+    subject = subject_from_file(path)
+    questions = []
+    for row in iter_csv_rows(path):
+        if isinstance(row, DataError):
+            raise row
+        questions.append(parse_mc_record(row, subject)[1])
+    return {subject: questions}
+
+
+def is_multiple_choice(data: Any) -> bool:
+    """Whether a record has options (``options``, or any of the keys/columns ``A``..``E``): it is then read by
+    :func:`parse_mc_record`, and everything that looks like options but is not valid is an error, not text."""
+    return isinstance(data, dict) and ("options" in data or any(letter in data for letter in LETTERS))
+
+
+def _option_text(value: Any) -> Any:
+    # JSON numbers are option texts too ({"A": 5, "B": 10} for a dose question); booleans are not
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def question_key(record: Record) -> str:
+    """``question``, or ``prompt`` where a record calls it that (not both)."""
+    data = record.data
+    if "question" in data and "prompt" in data:
+        raise record.error("give the question text once, as 'question' or as 'prompt'", field="prompt")
+    return "prompt" if "prompt" in data else "question"
+
+
+def parse_mc_record(record: Record, default_subject: str) -> tuple[str, Question]:
+    """One multiple-choice record (a JSON object or a :class:`CsvRow`) -> (subject, :class:`Question`).
+
+    The one reader of multiple-choice questions: the evaluation stage and GRPO (:mod:`medtrain.questions`) both
+    use it, so they accept the same files and name the same ``file:line: field`` in their errors. A CSV row takes
+    its subject from the file (``default_subject``) and its answer as a letter only; a JSON object may also give
+    ``subject``, ``context``, ``id`` and a 0-based answer index.
+    """
     data = record.data
     if not isinstance(data, dict):
         raise record.error(f"expected a JSON object per question, got {type(data).__name__}")
-    question = data.get("question")
+    from_csv = isinstance(record, CsvRow)
+    key = "question" if from_csv else question_key(record)
+    question = data.get(key)
     if not isinstance(question, str) or not question.strip():
-        raise record.error("missing or empty (the generic layout needs question, options or A..E, answer)",
-                           field="question")
-    if "options" in data:
+        if from_csv:
+            raise record.error("empty question", field=field_name(record, key))
+        raise record.error("missing or empty (the generic layout needs question, options or A..E, answer)", field=key)
+    # options: a list, an A/B/C... mapping, or the keys (CSV columns) A..E themselves
+    keyed = [letter for letter in LETTERS if letter in data]
+    if "options" in data and not from_csv:
+        if keyed:
+            raise record.error(f"give the options once, as 'options' or as keys A..E (found both, and {keyed[0]!r})",
+                               field="options")
         options = data["options"]
+        if isinstance(options, dict):
+            names = [str(k).strip().upper() for k in options]
+            if names != list(LETTERS[: len(names)]):
+                raise record.error(f"as a mapping, the option keys must be A, B, C, ... in order, got "
+                                   f"{', '.join(map(str, options))}", field="options")
+            options = list(options.values())
         if not isinstance(options, list) or not 2 <= len(options) <= len(LETTERS):
-            raise record.error(f"must be a list of 2 to {len(LETTERS)} option texts", field="options")
+            raise record.error(f"must be a list of 2 to {len(LETTERS)} option texts (or a mapping A, B, ... -> "
+                               "text)", field="options")
         letters = LETTERS[: len(options)]
     else:
-        letters = ""
-        for letter in LETTERS:
-            if letter not in data:
-                break
-            letters += letter
+        letters = "".join(keyed)
+        if not from_csv and letters != LETTERS[: len(letters)]:
+            raise record.error(f"option keys must be A, B, C, ... without gaps, got {', '.join(letters)}",
+                               field="options")
         if len(letters) < 2:
             raise record.error("no options: give 'options' (a list) or keys A, B, ... (at least two)", field="options")
         options = [data[letter] for letter in letters]
+    options = [_option_text(option) for option in options]
     for letter, option in zip(letters, options):
         if not isinstance(option, str) or not option.strip():
+            if from_csv:
+                raise record.error(f"option {letter} is empty", field=field_name(record, letter))
             raise record.error("option text must be a non-empty string", field=f"options[{letter}]")
+    # the answer: a letter (any case), or in JSON a 0-based index
     answer = data.get("answer")
-    if isinstance(answer, str) and answer.strip().upper() in letters and answer.strip():
+    if from_csv:
+        letter = answer.strip().upper()
+        if not letter or letter not in letters:  # '' is in every string
+            raise record.error(f"answer {letter or '(empty)'!r} is not one of the options {', '.join(letters)}",
+                               field=field_name(record, "answer"))
+        index = letters.index(letter)
+    elif answer is None:
+        raise record.error(f"missing: the letter of the right option ({', '.join(letters)}) or its 0-based index",
+                           field="answer")
+    elif isinstance(answer, str) and answer.strip().upper() in letters and answer.strip():
         index = letters.index(answer.strip().upper())
     elif isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(options):
         index = answer
     else:
         raise record.error(f"{answer!r} is not one of the options {', '.join(letters)} (a letter, or a 0-based "
                            f"index below {len(options)})", field="answer")
+    if from_csv:  # a CSV file is one subject; its ids are file:line (extra columns are not read)
+        return default_subject, Question(question.strip(), [o.strip() for o in options], index, record.where)
     subject = data.get("subject", default_subject)
     if not isinstance(subject, str) or not subject.strip():
         raise record.error("must be a non-empty string", field="subject")
@@ -202,7 +292,7 @@ def read_mc_jsonl(path: str, records: list[Record] | None = None) -> dict[str, l
     """The generic multiple-choice layout (JSON Lines, or a JSON array of the same objects)."""
     by_subject: dict[str, list[Question]] = {}
     for record in records if records is not None else iter_json_records(path):
-        subject, question = _mc_record(record, _subject_from_file(path))
+        subject, question = parse_mc_record(record, subject_from_file(path))
         by_subject.setdefault(subject, []).append(question)
     if not by_subject:
         raise DataError("no questions in the file", file=path)

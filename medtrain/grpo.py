@@ -38,9 +38,11 @@ class GRPORewardArguments:
     )
     answer_type: str = field(
         default="auto",
-        metadata={"help": "How the accuracy reward compares answers when a record has no answer_type: choice "
-                  "(option letter), math (math-verify), text (normalised equality), or auto (choice with options, "
-                  "math for numeric/formula answers, else text).", "choices": ["auto"] + ANSWER_TYPES},
+        metadata={"help": "How the accuracy reward compares answers when an open question (no options) has no "
+                  "answer_type: math (math-verify), text (normalised equality), or auto (math for numeric/formula "
+                  "answers, else text); choice makes an open question an error. Questions with options are always scored by "
+                  "their option letter (choice).",
+                  "choices": ["auto"] + ANSWER_TYPES},
     )
     length_target_tokens: int | None = field(
         default=None,

@@ -117,25 +117,119 @@ def test_question_layouts(tmp_path):
     assert rows[6]["messages"][0]["content"] == "女性生殖腺是\nA. 卵巢\nB. 前庭大腺\nC. 前庭球\nD. 乳腺"
     assert [r["source"].rsplit(":", 1)[1] for r in rows[6:]] == ["2", "3"]  # a quoted newline: the row's first line
     assert load_questions([qa], default_answer_type="text")[0]["answer_type"] == "text"
+    # --answer_type is for open questions: an exam question stays a choice; a CSV without options holds open ones
+    assert load_questions([mc], default_answer_type="text")[0]["answer_type"] == "choice"
+    open_csv = write(tmp_path / "open.csv", "question,Answer,system\n2+2?,4,Be brief.\n")
+    assert load_questions([open_csv]) == [{"messages": [{"role": "system", "content": "Be brief."},
+                                                        {"role": "user", "content": "2+2?"}],
+                                           "answer": "4", "answer_type": "math", "choices": "",
+                                           "source": f"{open_csv}:2"}]
 
 
 @pytest.mark.parametrize("name, text, expected", [
     ("q.jsonl", '{"question": "a", "answer": "b"}\n{"question": "no answer"}\n', "q.jsonl:2: answer: missing the reference answer"),
     ("q.jsonl", '{"question": "a", "answer": "b"}\n{"query": "x", "answer": "b"}\n', "q.jsonl:2: question: no 'question' field"),
-    ("q.jsonl", '{"question": "a", "options": ["x", "y"], "answer": "C"}\n', "q.jsonl:1: answer: expected the letter of an option (A, B), got 'C'"),
-    ("q.jsonl", '{"question": "a", "options": ["x"], "answer": "A"}\n', "q.jsonl:1: options: expected a list"),
-    ("q.jsonl", '{"question": "a", "options": ["x", "y"], "answer": 2}\n', "q.jsonl:1: answer: option index 2 is out of range (0 to 1)"),
+    ("q.jsonl", '{"question": "a", "options": ["x", "y"], "answer": "C"}\n', "q.jsonl:1: answer: 'C' is not one of the options A, B (a letter, or a 0-based index below 2)"),
+    ("q.jsonl", '{"question": "a", "options": ["x"], "answer": "A"}\n', "q.jsonl:1: options: must be a list of 2 to 5 option texts"),
+    ("q.jsonl", '{"question": "a", "options": ["x", "y"], "answer": 2}\n', "q.jsonl:1: answer: 2 is not one of the options A, B (a letter, or a 0-based index below 2)"),
     ("q.jsonl", '{"question": "a", "answer": "b", "answer_type": "essay"}\n', "q.jsonl:1: answer_type: expected one of choice, math, text"),
     ("q.jsonl", '{"question": "a", "answer": "b", "answer_type": "choice"}\n', "q.jsonl:1: options: answer_type choice needs options"),
     ("q.jsonl", '{"question": "a", "answer": ["b"]}\n', "q.jsonl:1: answer: expected a string, got list"),
-    ("q.csv", "Question,A,B,Answer\nq,x,y,A\nq,x,y\n", "q.csv:3: expected 4 columns as in the header, got 3"),
-    ("q.csv", "Question,A,B\nq,x,y\n", "q.csv:1: CSV header ['Question', 'A', 'B'] lacks answer"),
+    ("q.csv", "Question,A,B,Answer\nq,x,y,A\nq,x,y\n", "q.csv:3: 3 fields, the header has 4 (an unquoted comma or quote in a field?)"),
+    ("q.jsonl", '{"question": "a", "options": ["x", "y"], "answer": "A", "answer_type": "text"}\n',
+     "q.jsonl:1: answer_type: a question with options is scored by its option letter: use choice"),
+    ("q.csv", "Question,A,Answer\nq,x,A\n", "q.csv:1: header: missing option columns: need A, B"),
+    ("q.csv", "Question,Answer\nq,\n", "q.csv:2: Answer: empty text"),
+    ("q.csv", "Question,A,B\nq,x,y\n", "q.csv:1: header: missing column 'Answer' (the CMMLU layout is ,Question,A,B,C,D,Answer; found Question,A,B)"),
 ])
 def test_bad_question_files_name_file_line_and_field(tmp_path, name, text, expected):
     path = write(tmp_path / name, text)
     with pytest.raises(DataError) as err:
         load_questions([path])
     assert expected in str(err.value)
+
+
+EXAM_CSV = ",Question,A,B,C,D,Answer\n0,女性生殖腺是,卵巢,前庭大腺,前庭球,乳腺,A\n1,\"two\nlines\",a,b,c,d,c\n"
+EXAM_JSONL = [
+    {"question": "Which organ produces insulin?", "options": ["Liver", "Kidney", "Spleen", "Pancreas"], "answer": "D",
+     "subject": "medicine_en"},
+    {"question": "Normal body temperature?", "A": "33 °C", "B": " 37 °C ", "answer": 1, "system": "Be brief."},
+    {"prompt": "Dose?", "options": {"A": 5, "B": 10, "C": 20}, "answer": "b", "context": "A child weighs 20 kg.",
+     "answer_type": "choice"},
+]
+
+
+def test_grpo_reads_the_evaluation_layouts_as_the_evaluator_does(tmp_path):
+    """One reader: the benchmark dir the evaluator scores, read by GRPO, gives the same questions, options and
+    answers (dev/ worked examples included: GRPO's --train_file_dir reads every file under it)."""
+    from medtrain.benchmarks import LETTERS, load_benchmark
+    from medtrain.formats import find_data_files
+    from medtrain.questions import QUESTION_EXTENSIONS, choice_prompt
+
+    bench = tmp_path / "bench"
+    write(bench / "test" / "anatomy.csv", EXAM_CSV)
+    write(bench / "dev" / "anatomy.csv", ",Question,A,B,C,D,Answer\n0,dev question,a,b,c,d,B\n")
+    write(bench / "mine.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in EXAM_JSONL))
+    evaluator = {q.source: q for subject in load_benchmark(str(bench)) for q in subject.test + subject.dev}
+    rows = load_questions(find_data_files(str(bench), QUESTION_EXTENSIONS))
+    assert sorted(r["source"] for r in rows) == sorted(evaluator) and len(rows) == 6
+    for row in rows:
+        q = evaluator[row["source"]]
+        assert row["answer"] == LETTERS[q.answer] and row["choices"] == LETTERS[: len(q.choices)]
+        assert row["answer_type"] == "choice"
+        assert row["messages"][-1]["content"] == (q.context + "\n" if q.context else "") + choice_prompt(q.question,
+                                                                                                         q.choices)
+    by_source = {r["source"].rsplit("/", 1)[1]: r for r in rows}
+    assert [(by_source[f"anatomy.csv:{n}"]["answer"]) for n in (2, 3)] == ["A", "C"]  # lower-case 'c' read too
+    assert by_source["anatomy.csv:3"]["messages"][0]["content"] == "two\nlines\nA. a\nB. b\nC. c\nD. d"
+    assert by_source["mine.jsonl:2"]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Normal body temperature?\nA. 33 °C\nB. 37 °C"}]
+    assert by_source["mine.jsonl:3"]["messages"][0]["content"] == "A child weighs 20 kg.\nDose?\nA. 5\nB. 10\nC. 20"
+    assert by_source["mine.jsonl:3"]["answer"] == "B"
+
+
+BAD_EXAMS = [
+    # (file, content, the error both readers give after the file path)
+    ("test/anatomy.csv", EXAM_CSV + "2,q,a,b,c,d,E\n", ":5: Answer: answer 'E' is not one of the options A, B, C, D"),
+    ("test/anatomy.csv", EXAM_CSV + "2,q,a,,c,d,A\n", ":5: B: option B is empty"),
+    ("test/anatomy.csv", EXAM_CSV + "2,q,a,b,c,A\n", ":5: 6 fields, the header has 7 (an unquoted comma or quote in "
+     "a field?)"),
+    ("test/anatomy.csv", ",Question,A,B,D,Answer\n0,q,a,b,d,A\n", ":1: header: option columns must be A, B, C, ... "
+     "without gaps, found ,Question,A,B,D,Answer"),
+    ("test/anatomy.csv", ",Question,A,B,C,D\n0,q,a,b,c,d\n", ":1: header: missing column 'Answer' (the CMMLU "
+     "layout is ,Question,A,B,C,D,Answer; found ,Question,A,B,C,D)"),
+    ("mine.jsonl", '{"question": "q", "options": ["a", "b", "c"], "answer": "D"}\n', ":1: answer: 'D' is not one "
+     "of the options A, B, C (a letter, or a 0-based index below 3)"),
+    ("mine.jsonl", '{"question": "q", "options": {"A": "a", "C": "c"}, "answer": "A"}\n', ":1: options: as a "
+     "mapping, the option keys must be A, B, C, ... in order, got A, C"),
+    ("mine.jsonl", '{"question": "q", "A": "a", "B": "b", "D": "d", "answer": "A"}\n', ":1: options: option keys "
+     "must be A, B, C, ... without gaps, got A, B, D"),
+    ("mine.jsonl", '{"question": "q", "options": ["a", ""], "answer": 0}\n', ":1: options[B]: option text must be "
+     "a non-empty string"),
+    ("mine.jsonl", '{"question": "q", "options": ["a", "b"]}\n', ":1: answer: missing: the letter of the right "
+     "option (A, B) or its 0-based index"),
+    ("mine.jsonl", '{"question": "q", "prompt": "q", "options": ["a", "b"], "answer": 0}\n', ":1: prompt: give "
+     "the question text once, as 'question' or as 'prompt'"),
+]
+
+
+@pytest.mark.parametrize("name, content, expected", BAD_EXAMS, ids=[f"{i}-{b[0]}" for i, b in enumerate(BAD_EXAMS)])
+def test_a_bad_exam_record_is_the_same_error_for_grpo_and_the_evaluator(tmp_path, name, content, expected):
+    from medtrain.benchmarks import load_benchmark
+    from medtrain.formats import LoadReport
+
+    bench = tmp_path / "bench"
+    write(bench / "test" / "anatomy.csv", EXAM_CSV)
+    path = write(bench / name, content)
+    with pytest.raises(DataError) as err:
+        load_benchmark(str(bench))
+    assert str(err.value) == path + expected
+    report = LoadReport()  # GRPO collects every bad record for its --max_invalid_fraction policy
+    rows = load_questions([path], report)
+    assert [str(e) for e in report.problems + report.file_errors] == [path + expected]
+    if ":1: header:" not in expected:  # the good records of the file are kept
+        assert len(rows) == report.records[path] - 1
 
 
 @requires_shared
