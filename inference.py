@@ -77,7 +77,7 @@ class InferenceArguments:
             raise ConfigError(problems)
 
 
-# The flags: the model (the same flags as openai_api.py and web_demo.py), then this script's own
+# The flags: the model (as in openai_api.py and web_demo.py), then this script's own
 ARGUMENTS = [GenerationModelArguments, InferenceArguments]
 
 

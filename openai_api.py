@@ -56,7 +56,7 @@ class ApiArguments:
             raise ConfigError(problems)
 
 
-# The flags: the model (the same flags as inference.py and web_demo.py), the engine and where to listen, the API's own
+# The flags: the model (as in inference.py and web_demo.py), the engine and where to listen, the API's own
 ARGUMENTS = [GenerationModelArguments, ServeArguments, ApiArguments]
 
 

@@ -160,7 +160,7 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-# The flags: the model (the same flags as inference.py and openai_api.py), the engine and where to listen, the page's own
+# The flags: the model (as in inference.py and openai_api.py), the engine and where to listen, the page's own
 ARGUMENTS = [GenerationModelArguments, ServeArguments, DemoArguments]
 
 
