@@ -9,6 +9,7 @@ Prompts are rendered with the chat format recorded at training time in the adapt
 --template_name is given), tokenised turn by turn exactly as training tokenised them, and generation stops at the
 format's end-of-turn text. In the chat, `clear` starts a new conversation and `exit` (or end of input) quits.
 A prompt record with ``tools`` offers them to the model; its row then holds ``tool_calls`` parsed from the answer.
+The model flags are those of openai_api.py and web_demo.py (``--base_model`` = ``--model_name_or_path``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from medtrain.errors import ConfigError
 from medtrain.formats import find_data_files, load_prompts
 from medtrain.tools import parse_tool_calls
 from medtrain.generation import (  # noqa: F401  (re-exported: inference.prompt_ids etc. keep working)
-    decode_response, generate_responses, generation_config, load_for_inference, prompt_ids, stop_token_ids,
+    GenerationModelArguments, decode_response, generate_responses, generation_config, load_for_inference, prompt_ids,
+    stop_token_ids,
 )
 
 logger = logging.getLogger("medtrain.inference")
@@ -38,20 +40,9 @@ CHAT_TEMPERATURE = 0.7  # default sampling temperature in the chat; batch mode d
 
 @dataclass
 class InferenceArguments:
-    """Flags of inference.py."""
+    """Flags of inference.py besides the model to load (:class:`GenerationModelArguments`, shared with the servers):
+    sampling, and batch mode's files."""
 
-    base_model: str = field(metadata={"help": "Model directory (or Hub id): a base, a merged model, or an adapter's base."})
-    lora_model: str | None = field(default=None, metadata={"help": "A LoRA adapter directory to apply on --base_model."})
-    tokenizer_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer; default: the adapter dir's if it has one, else --base_model's."}
-    )
-    template_name: str | None = field(
-        default=None,
-        metadata={"help": "Conversation template; default: the format recorded at training time in the model dir."},
-    )
-    system_prompt: str | None = field(
-        default=None, metadata={"help": "System prompt; default: the one recorded at training time, else the template's."}
-    )
     max_new_tokens: int = field(default=512, metadata={"help": "Longest answer, in tokens."})
     temperature: float | None = field(
         default=None,
@@ -59,14 +50,6 @@ class InferenceArguments:
     )
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling probability mass (with temperature > 0)."})
     repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty > 1 discourages repeating tokens."})
-    torch_dtype: str = field(
-        default="auto",
-        metadata={"help": "Weights dtype; auto = float32 on CPU, bf16/fp16 on GPU.",
-                  "choices": ["auto", "float32", "bfloat16", "float16"]},
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow model/tokenizer code from the checkpoint to run. Off unless you trust it."}
-    )
     data_file: str | None = field(
         default=None,
         metadata={"help": "Batch mode: a .json/.jsonl file (or directory) of prompts (questions, messages, SFT rows)."},
@@ -92,6 +75,10 @@ class InferenceArguments:
             problems.append("--output_file must differ from --data_file.")
         if problems:
             raise ConfigError(problems)
+
+
+# The flags: the model (as in openai_api.py and web_demo.py), then this script's own
+ARGUMENTS = [GenerationModelArguments, InferenceArguments]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -124,10 +111,6 @@ class ChatStreamer(TextStreamer):
         if stream_end:
             print(file=self.out, flush=True)
             self.pending, self.stopped = "", False
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Loading
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -208,12 +191,12 @@ def answer_file(model: Any, tokenizer: Any, chat_format: Any, args: InferenceArg
 
 
 def main(args: list[str] | None = None) -> Any:
-    (inference_args,) = parse_args([InferenceArguments], args)
+    model_args, inference_args = parse_args(ARGUMENTS, args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO, force=True)
     if inference_args.data_file:
         find_data_files(inference_args.data_file)  # a missing file fails before the model loads
-    model, tokenizer, chat_format = load_for_inference(inference_args)
+    model, tokenizer, chat_format = load_for_inference(model_args)
     if inference_args.data_file:
         return answer_file(model, tokenizer, chat_format, inference_args)
     return chat(model, tokenizer, chat_format, inference_args)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from medtrain.arguments import parse_args
 from medtrain.entrypoint import run_main
 from medtrain.errors import ConfigError
+from medtrain.generation import GenerationModelArguments
 from medtrain.openai_server import create_app
 from medtrain.serving import ServeArguments, load_engine
 
@@ -55,15 +56,19 @@ class ApiArguments:
             raise ConfigError(problems)
 
 
+# The flags: the model (as in inference.py and web_demo.py), the engine and where to listen, the API's own
+ARGUMENTS = [GenerationModelArguments, ServeArguments, ApiArguments]
+
+
 def main(args: list[str] | None = None) -> None:
-    serve_args, api_args = parse_args([ServeArguments, ApiArguments], args)
+    model_args, serve_args, api_args = parse_args(ARGUMENTS, args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO, force=True)
     import uvicorn
 
-    engine, info = load_engine(serve_args)
+    engine, info = load_engine(model_args, serve_args)
     name = api_args.served_model_name or os.path.basename(
-        os.path.normpath(serve_args.lora_model or serve_args.model_name_or_path))
+        os.path.normpath(model_args.lora_model or model_args.model_name_or_path))
     api_key = api_args.api_key or os.environ.get("MEDTRAIN_API_KEY") or None
     app = create_app(engine, name, api_key=api_key, max_tokens_limit=serve_args.max_tokens_limit,
                      max_request_bytes=api_args.max_request_bytes, default_temperature=api_args.temperature,

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 from medtrain.arguments import parse_args
 from medtrain.entrypoint import run_main
 from medtrain.errors import ConfigError, UserError
+from medtrain.generation import GenerationModelArguments
 from medtrain.serving import Engine, QueueFull, Request, SamplingParams, ServeArguments, load_engine
 
 
@@ -159,12 +160,16 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+# The flags: the model (as in inference.py and openai_api.py), the engine and where to listen, the page's own
+ARGUMENTS = [GenerationModelArguments, ServeArguments, DemoArguments]
+
+
 def main(args: list[str] | None = None) -> None:
-    serve_args, demo_args = parse_args([ServeArguments, DemoArguments], args)
+    model_args, serve_args, demo_args = parse_args(ARGUMENTS, args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO, force=True)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
-    engine, info = load_engine(serve_args)
+    engine, info = load_engine(model_args, serve_args)
     demo = build_demo(engine, info, demo_args, serve_args.max_tokens_limit)
     demo.queue(default_concurrency_limit=serve_args.max_batch_size, max_size=serve_args.max_queue_size)
     port = 7860 if serve_args.port is None else serve_args.port or free_port(serve_args.host)

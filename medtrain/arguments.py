@@ -275,6 +275,10 @@ def _refuse_renamed(names: list[str], where: str) -> None:
         raise ConfigError([f"{where}--{name} was removed: use {RENAMED_FLAGS[name]} (same meaning)." for name in old])
 
 
+def _as_list(value: Any) -> list:
+    return [value] if isinstance(value, str) else list(value)
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -339,6 +343,10 @@ def parse_args(dataclass_types: list[type], args: list[str] | None = None, stage
     if args and args[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(args[0]):
         file_args = _file_args(args[0])
         _refuse_renamed(list(file_args), f"{args[0]}: ")
+        # a key may be a field's alias, as its flag may (`base_model:` = `model_name_or_path:` for generation)
+        aliases = {alias.lstrip("-").replace("-", "_"): f.name for dc in dataclass_types for f in fields(dc)
+                   if f.init for alias in _as_list(f.metadata.get("aliases", []))}
+        file_args = {aliases.get(key, key): value for key, value in file_args.items()}
         unknown = sorted(set(file_args) - known)
         if unknown:
             raise ConfigError(

@@ -11,21 +11,21 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import GenerationConfig
 
-from .arguments import ModelArguments
+from .arguments import TORCH_DTYPES, ModelArguments
 from .chat_format import RECORD_FILE, load_recorded_chat_format, prompt_pieces, resolve_chat_format
 from .errors import ConfigError
 from .merging import check_base_path, detect_model_type, load_adapted_model, load_base, read_adapter
 from .modeling import load_tokenizer, resolve_dtype
 from .tokenization import encode_dialog
 
-__all__ = ["ModelSource", "decode_response", "format_source", "generate_batch", "generate_responses",
-           "generation_config", "left_pad", "load_for_inference", "prompt_ids", "stop_token_ids"]
+__all__ = ["GenerationModelArguments", "decode_response", "format_source", "generate_batch", "generate_responses",
+           "generation_config", "left_pad", "load_for_inference", "model_dirs_of", "prompt_ids", "stop_token_ids"]
 
 
 def prompt_ids(tokenizer: Any, chat_format: Any, messages: list[dict], tools: list | None = None) -> list[int]:
@@ -147,35 +147,59 @@ def generate_responses(
 # Loading
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """What to load for generation: a base/merged model, optionally with a LoRA adapter, and how to render chats."""
+@dataclass
+class GenerationModelArguments:
+    """The model to generate with and how to render its chats: the model-loading flags of inference.py, openai_api.py
+    and web_demo.py, declared once so the three cannot drift apart (tests/test_generation_arguments.py).
 
-    base_model: str
-    lora_model: str | None = None
-    tokenizer_path: str | None = None
-    template_name: str | None = None
-    system_prompt: str | None = None
-    torch_dtype: str = "auto"
-    trust_remote_code: bool = False
-
-
-def load_for_inference(args: Any) -> tuple[Any, Any, Any]:
-    """Model (adapter merged in memory), left-padding tokenizer and the chat format; the format used is printed.
-
-    ``args`` names the model: ``base_model``, ``lora_model``, ``tokenizer_path``, ``template_name``,
-    ``system_prompt``, ``torch_dtype``, ``trust_remote_code`` (inference.py's InferenceArguments, or a
-    :class:`ModelSource`).
+    ``--base_model`` (inference.py's historical spelling, also merge_peft_adapter.py's) is an alias of
+    ``--model_name_or_path`` (the training stages' and the servers' spelling): every entry point accepts both.
     """
-    check_base_path(args.base_model)
+
+    model_name_or_path: str = field(
+        metadata={"help": "Model directory (or Hub id): a base, a merged model, or an adapter's base.",
+                  "aliases": ["--base_model", "--base-model"]},
+    )
+    lora_model: str | None = field(
+        default=None,
+        metadata={"help": "A LoRA adapter directory to apply on --model_name_or_path (merged in memory at load)."},
+    )
+    tokenizer_path: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer; default: the adapter dir's if it has one, else --model_name_or_path's."},
+    )
+    template_name: str | None = field(
+        default=None,
+        metadata={"help": "Conversation template; default: the format recorded at training time in the model dir."},
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "Default system prompt (a conversation's or request's own system message wins); default: the "
+                          "one recorded at training time, else the template's."},
+    )
+    torch_dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights dtype; auto = float32 on CPU, bf16/fp16 on GPU.", "choices": TORCH_DTYPES},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model/tokenizer code from the checkpoint to run. Off unless you trust it."}
+    )
+
+
+def load_for_inference(args: GenerationModelArguments) -> tuple[Any, Any, Any]:
+    """Model (adapter merged in memory, on CUDA when there is one, in eval mode), left-padding tokenizer and the chat
+    format, for generation: the one loader of inference.py, openai_api.py and web_demo.py. The format used and where
+    it comes from are printed to stderr.
+    """
+    check_base_path(args.model_name_or_path)
     adapter = read_adapter(args.lora_model) if args.lora_model else None
     tokenizer_dir = args.tokenizer_path or (
         args.lora_model if args.lora_model and os.path.isfile(os.path.join(args.lora_model, "tokenizer_config.json"))
-        else args.base_model
+        else args.model_name_or_path
     )
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=tokenizer_dir,
                                               trust_remote_code=args.trust_remote_code), padding_side="left")
-    model_dirs = [d for d in (args.lora_model, args.base_model) if d]
+    model_dirs = model_dirs_of(args)
     chat_format = resolve_chat_format(tokenizer, model_dirs, args.template_name, args.system_prompt)
     print(f"chat format: {json.dumps(chat_format.record(), ensure_ascii=False)} ({format_source(args, model_dirs)})",
           file=sys.stderr, flush=True)
@@ -184,10 +208,11 @@ def load_for_inference(args: Any) -> tuple[Any, Any, Any]:
     if adapter is not None:
         if detect_model_type(adapter) != "causal_lm":
             raise ConfigError(f"--lora_model {args.lora_model} is a reward-model adapter (it scores, it cannot chat).")
-        model, _ = load_adapted_model(args.base_model, adapter, tokenizer, "causal_lm", dtype, args.trust_remote_code)
+        model, _ = load_adapted_model(args.model_name_or_path, adapter, tokenizer, "causal_lm", dtype,
+                                      args.trust_remote_code)
         model = model.merge_and_unload()  # one matmul per layer instead of two while generating
     else:
-        model = load_base(args.base_model, "causal_lm", dtype, args.trust_remote_code)
+        model = load_base(args.model_name_or_path, "causal_lm", dtype, args.trust_remote_code)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise ConfigError(
             f"the tokenizer ({tokenizer_dir}) has {len(tokenizer)} tokens but the model only "
@@ -198,7 +223,12 @@ def load_for_inference(args: Any) -> tuple[Any, Any, Any]:
     return model.eval(), tokenizer, chat_format
 
 
-def format_source(args: Any, model_dirs: list[str]) -> str:
+def model_dirs_of(args: GenerationModelArguments) -> list[str]:
+    """Where a recorded chat format is looked for, first match wins: the adapter dir, then the model dir."""
+    return [d for d in (args.lora_model, args.model_name_or_path) if d]
+
+
+def format_source(args: GenerationModelArguments, model_dirs: list[str]) -> str:
     """Where the chat format in use comes from, in words."""
     if args.template_name:
         return "from --template_name"

@@ -34,7 +34,9 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from .errors import ConfigError
-from .generation import ModelSource, format_source, left_pad, load_for_inference, prompt_ids, stop_token_ids
+from .generation import (
+    GenerationModelArguments, format_source, left_pad, load_for_inference, model_dirs_of, prompt_ids, stop_token_ids,
+)
 
 logger = logging.getLogger("medtrain.serving")
 
@@ -350,34 +352,14 @@ def collect(events: "queue.Queue[Event]", n: int = 1, timeout: float | None = No
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Flags shared by openai_api.py and web_demo.py
+# Flags shared by openai_api.py and web_demo.py (beside GenerationModelArguments, shared with inference.py too)
 
 
 @dataclass
 class ServeArguments:
-    """The model to serve, how to render its chats, the engine's limits and where to listen."""
+    """The engine's limits and where to listen (the model to serve: :class:`GenerationModelArguments`, parsed
+    beside this)."""
 
-    model_name_or_path: str = field(metadata={"help": "Model directory: a base, a merged model, or an adapter's base."})
-    lora_model: str | None = field(default=None, metadata={"help": "A LoRA adapter directory to apply (merged in memory)."})
-    tokenizer_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer; default: the adapter dir's if it has one, else the model's."}
-    )
-    template_name: str | None = field(
-        default=None,
-        metadata={"help": "Conversation template; default: the format recorded at training time in the model dir."},
-    )
-    system_prompt: str | None = field(
-        default=None,
-        metadata={"help": "Default system prompt (a request's own system message wins); default: the recorded one."},
-    )
-    torch_dtype: str = field(
-        default="auto",
-        metadata={"help": "Weights dtype; auto = float32 on CPU, bf16/fp16 on GPU.",
-                  "choices": ["auto", "float32", "bfloat16", "float16"]},
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow model/tokenizer code from the checkpoint to run. Off unless you trust it."}
-    )
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (loopback unless you say otherwise)."})
     port: int | None = field(
         default=None,
@@ -404,26 +386,20 @@ class ServeArguments:
         if problems:
             raise ConfigError(problems)
 
-    def model_source(self) -> ModelSource:
-        return ModelSource(base_model=self.model_name_or_path, lora_model=self.lora_model,
-                           tokenizer_path=self.tokenizer_path, template_name=self.template_name,
-                           system_prompt=self.system_prompt, torch_dtype=self.torch_dtype,
-                           trust_remote_code=self.trust_remote_code)
 
-
-def load_engine(args: ServeArguments) -> tuple[Engine, dict]:
-    """Load the model as inference.py does and start an engine; also returns what is loaded, for display."""
+def load_engine(model_args: GenerationModelArguments, args: ServeArguments | None = None) -> tuple[Engine, dict]:
+    """Load the model as inference.py does (:func:`medtrain.generation.load_for_inference`) and start an engine
+    (``args``: its limits; default: the flags' defaults); also returns what is loaded, for display."""
+    args = args or ServeArguments()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    source = args.model_source()
-    model, tokenizer, chat_format = load_for_inference(source)
-    model_dirs = [d for d in (args.lora_model, args.model_name_or_path) if d]
+    model, tokenizer, chat_format = load_for_inference(model_args)
+    path = model_args.model_name_or_path
     info = {
-        "root": os.path.abspath(args.model_name_or_path) if os.path.isdir(args.model_name_or_path)
-        else args.model_name_or_path,
-        "adapter": os.path.abspath(args.lora_model) if args.lora_model else None,
+        "root": os.path.abspath(path) if os.path.isdir(path) else path,
+        "adapter": os.path.abspath(model_args.lora_model) if model_args.lora_model else None,
         "chat_format": chat_format.record(),
-        "chat_format_source": format_source(source, model_dirs),
+        "chat_format_source": format_source(model_args, model_dirs_of(model_args)),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
     logger.info("serving %s", json.dumps(info, ensure_ascii=False))

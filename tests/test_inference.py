@@ -78,7 +78,7 @@ def test_chat_feeds_the_model_the_training_rendering_of_its_history(case, tiny_m
     fake = FakeGenerate([A1, A2, A1], tokenizer.convert_tokens_to_ids(chat_format.stop_str))
     monkeypatch.setattr(model, "generate", fake)
     inputs = iter([U1, "", U2, "clear", U1, "exit", "never read"])
-    history = chat(model, tokenizer, chat_format, InferenceArguments(base_model=str(model_dir), max_new_tokens=16),
+    history = chat(model, tokenizer, chat_format, InferenceArguments(max_new_tokens=16),
                    read=lambda prompt: next(inputs))
 
     turn1 = [{"role": "user", "content": U1}, {"role": "assistant", "content": A1}]

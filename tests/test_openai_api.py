@@ -29,6 +29,7 @@ from medtrain.data import tokenize_conversations
 from medtrain.entrypoint import run_main
 from medtrain.generation import generate_responses, prompt_ids
 from medtrain.openai_server import _CallHolder, create_app
+from medtrain.generation import GenerationModelArguments
 from medtrain.serving import Engine, ServeArguments, load_engine
 from medtrain.tokenization import IGNORE_INDEX
 from medtrain.tools import TOOL_FORMATS, parse_tool_calls
@@ -52,8 +53,9 @@ class LiveServer:
 
     def __init__(self, model_dir: Path, name: str = "tiny", api_key: str | None = KEY, engine: Engine | None = None,
                  **engine_flags):
-        args = ServeArguments(model_name_or_path=str(model_dir), **engine_flags)
-        self.engine, self.info = (engine, {}) if engine else load_engine(args)
+        args = ServeArguments(**engine_flags)
+        self.engine, self.info = (engine, {}) if engine else load_engine(
+            GenerationModelArguments(model_name_or_path=str(model_dir)), args)
         self.name = name
         app = create_app(self.engine, name, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
                          max_request_bytes=4096, info=self.info)

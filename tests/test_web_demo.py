@@ -15,7 +15,8 @@ import torch
 
 from conftest import ROOT
 from medtrain.generation import generate_responses
-from medtrain.serving import ServeArguments, load_engine
+from medtrain.generation import GenerationModelArguments
+from medtrain.serving import load_engine
 
 import web_demo
 
@@ -34,7 +35,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def engine(tiny_chat_model_dir):
-    engine, info = load_engine(ServeArguments(model_name_or_path=str(tiny_chat_model_dir)))
+    engine, info = load_engine(GenerationModelArguments(model_name_or_path=str(tiny_chat_model_dir)))
     engine.info = info
     yield engine
     engine.shutdown()
