@@ -27,7 +27,8 @@ def test_adapter_dir_holds_everything_merging_and_inference_read(tiny_chat_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from medtrain.chat_format import get_chat_format, resolve_chat_format
-    from medtrain.outputs import evaluate_and_record, evaluate_once, language_model_perplexity, save_curves, train_and_save
+    from medtrain.outputs import (evaluate_and_record, evaluate_once, language_model_perplexity, save_curves,
+                                  train_and_save)
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model_dir)
