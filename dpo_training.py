@@ -19,7 +19,7 @@ import logging
 from trl import DPOConfig
 
 from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args
-from medtrain.chat_format import resolve_chat_format, save_chat_format
+from medtrain.chat_format import resolve_chat_format
 from medtrain.data import load_splits
 from medtrain.dpo import (
     DPOArguments,
@@ -28,15 +28,14 @@ from medtrain.dpo import (
     check_router_aux_loss,
     describe_pair,
     encode_preference_dataset,
-    evaluate_once,
     load_reference_model,
 )
 from medtrain.entrypoint import run_main
 from medtrain.formats import load_preferences
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
-from medtrain.plotting import save_training_curves
+from medtrain.outputs import evaluate_and_record, evaluate_once, save_curves, train_and_save
 from medtrain.resilience import resilience_callbacks
-from medtrain.runtime import start_run, write_results
+from medtrain.runtime import start_run
 
 logger = logging.getLogger("medtrain.dpo")
 
@@ -82,25 +81,15 @@ def main(args: list[str] | None = None):
     trainer = build_trainer(model, ref_model, training_args, train_dataset, eval_dataset, tokenizer, lora_args,
                             callbacks=resilience_callbacks(run_args))
 
-    # Train, save, evaluate (rewards/*, logps/* are in the logs, tensorboard and the eval results)
+    # Train, save (model, tokenizer, chat format), evaluate (rewards/*, logps/* are in the logs, tensorboard and the
+    # eval results), curves
+    out = training_args.output_dir
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model(training_args.output_dir)
-        trainer.save_state()
-        if trainer.is_world_process_zero():
-            save_chat_format(chat_format, training_args.output_dir)
-            metrics = dict(result.metrics, train_samples=len(train_dataset))
-            trainer.save_metrics("train", metrics)
-            write_results(training_args.output_dir, "train", metrics)
+        train_and_save(trainer, out, resume, tokenizer=tokenizer, chat_format=chat_format,
+                       train_samples=len(train_dataset))
     if training_args.do_eval and eval_dataset is not None:
-        metrics = evaluate_once(trainer)
-        metrics["eval_samples"] = len(eval_dataset)
-        trainer.log_metrics("eval", metrics)
-        if trainer.is_world_process_zero():
-            trainer.save_metrics("eval", metrics)
-            write_results(training_args.output_dir, "eval", metrics)
-    if trainer.is_world_process_zero():  # output_dir/training_curves.png, train and eval series
-        save_training_curves(training_args.output_dir, trainer.state.log_history, title="DPO")
+        evaluate_and_record(trainer, out, len(eval_dataset), evaluate=evaluate_once)
+    save_curves(trainer, out, title="DPO")
     return trainer
 
 

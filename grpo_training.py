@@ -20,7 +20,7 @@ import logging
 from trl import GRPOConfig
 
 from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args
-from medtrain.chat_format import resolve_chat_format, save_chat_format
+from medtrain.chat_format import resolve_chat_format
 from medtrain.data import load_splits
 from medtrain.entrypoint import run_main
 from medtrain.grpo import (
@@ -32,11 +32,11 @@ from medtrain.grpo import (
     stop_token_ids,
 )
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
+from medtrain.outputs import evaluate_and_record, evaluate_once, save_curves, train_and_save
 from medtrain.questions import QUESTION_EXTENSIONS, load_questions
-from medtrain.plotting import save_training_curves
 from medtrain.resilience import resilience_callbacks
 from medtrain.reward import check_reward_model_matches, load_reward_scorer
-from medtrain.runtime import start_run, write_results
+from medtrain.runtime import start_run
 
 logger = logging.getLogger("medtrain.grpo")
 
@@ -89,17 +89,13 @@ def main(args: list[str] | None = None):
     trainer = build_grpo_trainer(policy, tokenizer, reward_funcs, training_args, train_dataset, stop_ids,
                                  eval_dataset=eval_dataset, callbacks=[*resilience_callbacks(run_args)])
 
-    # Train and save (rewards/<name>/mean, reward, kl, completions/* are in the logs and tensorboard)
-    result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(training_args.output_dir)
-        save_chat_format(chat_format, training_args.output_dir)
-        metrics = dict(result.metrics, train_samples=len(train_dataset))
-        trainer.save_metrics("train", metrics)
-        write_results(training_args.output_dir, "train", metrics)
-        save_training_curves(training_args.output_dir, trainer.state.log_history, title="GRPO")  # reward, KL, ...
+    # Train, save (model, tokenizer, chat format), evaluate (rewards on the held-out prompts, with --do_eval),
+    # curves (rewards/<name>/mean, reward, kl, completions/* are in the logs and tensorboard)
+    out = training_args.output_dir
+    train_and_save(trainer, out, resume, tokenizer=tokenizer, chat_format=chat_format, train_samples=len(train_dataset))
+    if training_args.do_eval and eval_dataset is not None:
+        evaluate_and_record(trainer, out, len(eval_dataset), evaluate=evaluate_once)
+    save_curves(trainer, out, title="GRPO")
     return trainer
 
 

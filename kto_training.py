@@ -19,9 +19,9 @@ import random
 from trl import KTOConfig
 
 from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args
-from medtrain.chat_format import resolve_chat_format, save_chat_format
+from medtrain.chat_format import resolve_chat_format
 from medtrain.data import load_splits
-from medtrain.dpo import DPOArguments, evaluate_once, load_reference_model
+from medtrain.dpo import DPOArguments, load_reference_model
 from medtrain.entrypoint import run_main
 from medtrain.kto import (
     KTOArguments,
@@ -32,9 +32,9 @@ from medtrain.kto import (
     load_kto_examples,
 )
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
-from medtrain.plotting import save_training_curves
+from medtrain.outputs import evaluate_and_record, evaluate_once, save_curves, train_and_save
 from medtrain.resilience import resilience_callbacks
-from medtrain.runtime import start_run, write_results
+from medtrain.runtime import start_run
 
 logger = logging.getLogger("medtrain.kto")
 
@@ -88,26 +88,15 @@ def main(args: list[str] | None = None):
     trainer = build_kto_trainer(model, ref_model, training_args, train_dataset, eval_dataset, tokenizer, lora_args,
                                 callbacks=[*resilience_callbacks(run_args)])
 
-    # Train, save, evaluate (rewards/chosen, rewards/rejected, kl, logps/* are in the logs and tensorboard)
+    # Train, save (model, tokenizer, chat format), evaluate (rewards/chosen, rewards/rejected, kl, logps/* are in the
+    # logs and tensorboard), curves
+    out = training_args.output_dir
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model(training_args.output_dir)
-        trainer.save_state()
-        if trainer.is_world_process_zero():
-            tokenizer.save_pretrained(training_args.output_dir)
-            save_chat_format(chat_format, training_args.output_dir)
-            metrics = dict(result.metrics, train_samples=len(train_dataset))
-            trainer.save_metrics("train", metrics)
-            write_results(training_args.output_dir, "train", metrics)
+        train_and_save(trainer, out, resume, tokenizer=tokenizer, chat_format=chat_format,
+                       train_samples=len(train_dataset))
     if training_args.do_eval and eval_dataset is not None:
-        metrics = evaluate_once(trainer)
-        metrics["eval_samples"] = len(eval_dataset)
-        trainer.log_metrics("eval", metrics)
-        if trainer.is_world_process_zero():
-            trainer.save_metrics("eval", metrics)
-            write_results(training_args.output_dir, "eval", metrics)
-    if trainer.is_world_process_zero():  # output_dir/training_curves.png, train and eval series
-        save_training_curves(training_args.output_dir, trainer.state.log_history, title="KTO")
+        evaluate_and_record(trainer, out, len(eval_dataset), evaluate=evaluate_once)
+    save_curves(trainer, out, title="KTO")
     return trainer
 
 

@@ -35,19 +35,19 @@ from medtrain.arguments import (
     parse_args,
     peek_arg,
 )
-from medtrain.chat_format import resolve_chat_format, save_chat_format
+from medtrain.chat_format import resolve_chat_format
 from medtrain.data import load_splits
 from medtrain.entrypoint import run_main
 from medtrain.errors import ConfigError, DataError
 from medtrain.formats import load_prompts
 from medtrain.grpo import build_grpo_trainer
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
-from medtrain.plotting import save_training_curves
+from medtrain.outputs import save_curves, save_model_companions, train_and_save, write_results
 from medtrain.ppo import PPOArguments, PPOTrainer
 from medtrain.resilience import resilience_callbacks
 from medtrain.reward import check_reward_model_matches, load_reward_model, load_reward_scorer
 from medtrain.rewards import make_reward_model_reward
-from medtrain.runtime import start_run, write_results
+from medtrain.runtime import start_run
 
 logger = logging.getLogger("medtrain.ppo")
 
@@ -153,21 +153,23 @@ def main(args: list[str] | None = None):
     stop_ids = sorted({i for i in (tokenizer.convert_tokens_to_ids(chat_format.stop_str), tokenizer.eos_token_id)
                        if isinstance(i, int) and i != tokenizer.unk_token_id})
 
+    # Train and save (policy, tokenizer, chat format), curves
+    out = training_args.output_dir
     if rl_args.rl_algo == "ppo":
         trainer = build_ppo(policy, tokenizer, scorer, train_prompts, stop_ids, model_args, lora_args, rl_args,
                             ppo_args, training_args, run_args)
-        history = trainer.train(resume_from_checkpoint=resume)
-    else:
+        history = trainer.train(resume_from_checkpoint=resume)  # writes trainer_state.json as it logs
+        trainer.save_model(out)
+        if trainer.is_world_process_zero():
+            save_model_companions(out, policy, tokenizer, chat_format)
+            final = history[-1] if history else {}  # the last logged update's score, KL and losses
+            write_results(out, "train", {k: v for k, v in final.items() if isinstance(v, (int, float))})
+    else:  # TRL's RLOO/GRPO are transformers Trainers: saved like every other stage
         trainer = build_trl(policy, tokenizer, scorer, train_prompts, rl_args, training_args, run_args, stop_ids)
-        history = trainer.train(resume_from_checkpoint=resume).metrics
-    trainer.save_model(training_args.output_dir)
-    if training_args.process_index == 0:
-        tokenizer.save_pretrained(training_args.output_dir)
-        save_chat_format(chat_format, training_args.output_dir)
-        final = history[-1] if isinstance(history, list) and history else (history or {})
-        write_results(training_args.output_dir, "train", {k: v for k, v in final.items() if isinstance(v, (int, float))})
-        # output_dir/training_curves.png: our PPO's score, KL and losses; RLOO/GRPO's reward and KL
-        save_training_curves(training_args.output_dir, trainer.state.log_history, title=rl_args.rl_algo.upper())
+        train_and_save(trainer, out, resume, tokenizer=tokenizer, chat_format=chat_format,
+                       train_samples=len(train_prompts))
+    # output_dir/training_curves.png: our PPO's score, KL and losses; RLOO/GRPO's reward and KL
+    save_curves(trainer, out, title=rl_args.rl_algo.upper())
     return trainer
 
 

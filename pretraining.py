@@ -24,7 +24,7 @@ from medtrain.arguments import LoraArguments, ModelArguments, RunArguments, fina
 from medtrain.entrypoint import run_main
 from medtrain.errors import UserError
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
-from medtrain.plotting import save_training_curves
+from medtrain.outputs import evaluate_and_record, language_model_perplexity, save_curves, train_and_save
 from medtrain.pretrain_data import (
     PretrainCollator,
     PretrainDataArguments,
@@ -33,8 +33,7 @@ from medtrain.pretrain_data import (
     resolve_block_size,
 )
 from medtrain.resilience import resilience_callbacks
-from medtrain.rope import save_rope_record
-from medtrain.runtime import perplexity, start_run, write_results
+from medtrain.runtime import start_run
 from medtrain.tokenization import IGNORE_INDEX
 
 logger = logging.getLogger("medtrain.pt")
@@ -136,34 +135,14 @@ def main(args: list[str] | None = None) -> Trainer:
         callbacks=resilience_callbacks(run_args),
     )
 
-    # Train, save, evaluate
+    # Train, save (model, tokenizer, rope record), evaluate (loss, perplexity, next-token accuracy), curves
+    out, streamed = training_args.output_dir, data_args.streaming  # a streamed corpus has no length: no *_samples
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model(training_args.output_dir)
-        trainer.save_state()
-        if trainer.is_world_process_zero():
-            metrics = dict(result.metrics)
-            if not data_args.streaming:
-                metrics["train_samples"] = len(train_dataset)
-            trainer.save_metrics("train", metrics)
-            write_results(training_args.output_dir, "train", metrics)
-            if lora_args.use_peft:
-                save_rope_record(trainer.model, training_args.output_dir)  # the adapter's base must be scaled alike
+        train_and_save(trainer, out, resume, tokenizer=tokenizer, chat_format=None,  # plain text: no chat format
+                       train_samples=None if streamed else len(train_dataset))
     if training_args.do_eval and eval_dataset is not None:
-        metrics = trainer.evaluate()
-        metrics["perplexity"] = perplexity(metrics["eval_loss"])
-        # --eval_on_start logged the untrained model's loss at step 0: report both ends side by side
-        start = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == 0]
-        if start:
-            metrics["perplexity_at_start"] = perplexity(start[0])
-        if not data_args.streaming:
-            metrics["eval_samples"] = len(eval_dataset)
-        trainer.log_metrics("eval", metrics)
-        if trainer.is_world_process_zero():
-            trainer.save_metrics("eval", metrics)
-            write_results(training_args.output_dir, "eval", metrics)
-    if trainer.is_world_process_zero():  # output_dir/training_curves.png, train and eval series
-        save_training_curves(training_args.output_dir, trainer.state.log_history, title="PT")
+        evaluate_and_record(trainer, out, None if streamed else len(eval_dataset), derived=language_model_perplexity)
+    save_curves(trainer, out, title="PT")
     return trainer
 
 

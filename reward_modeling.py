@@ -19,12 +19,12 @@ from transformers import set_seed
 from trl import RewardConfig
 
 from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args
-from medtrain.chat_format import resolve_chat_format, save_chat_format
+from medtrain.chat_format import resolve_chat_format
 from medtrain.data import load_splits
 from medtrain.entrypoint import run_main
 from medtrain.formats import find_data_files, load_preferences
 from medtrain.modeling import apply_lora, load_tokenizer
-from medtrain.plotting import save_training_curves
+from medtrain.outputs import evaluate_and_record, record_metrics, save_curves, train_and_save
 from medtrain.preference import encode_pairs
 from medtrain.resilience import resilience_callbacks
 from medtrain.reward import (
@@ -39,7 +39,7 @@ from medtrain.reward import (
     score_records,
     write_jsonl,
 )
-from medtrain.runtime import start_run, write_results
+from medtrain.runtime import start_run
 
 logger = logging.getLogger("medtrain.rm")
 
@@ -96,40 +96,28 @@ def main(args: list[str] | None = None) -> RewardModelTrainer:
         callbacks=resilience_callbacks(run_args),
     )
 
-    # Train, save, evaluate, predict
+    # Train, save (model + score head, tokenizer, chat format), evaluate (pairwise accuracy, margin), predict, curves
+    out = training_args.output_dir
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model(training_args.output_dir)
-        trainer.save_state()
-        if trainer.is_world_process_zero():
-            save_chat_format(chat_format, training_args.output_dir)
-            metrics = dict(result.metrics, train_samples=len(train_pairs))
-            trainer.save_metrics("train", metrics)
-            write_results(training_args.output_dir, "train", metrics)
+        train_and_save(trainer, out, resume, tokenizer=tokenizer, chat_format=chat_format,
+                       train_samples=len(train_pairs))
     if training_args.do_eval and eval_pairs:
-        metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(eval_pairs)
-        trainer.log_metrics("eval", metrics)
-        if trainer.is_world_process_zero():
-            trainer.save_metrics("eval", metrics)
-            write_results(training_args.output_dir, "eval", metrics)
+        evaluate_and_record(trainer, out, len(eval_pairs))
     if training_args.do_predict:
         # Every rank runs the same forward passes (ZeRO-3 shards need all ranks); rank 0 writes.
         scorer = RewardScorer(trainer.model, tokenizer, chat_format, max_length=data_args.model_max_length,
                               batch_size=training_args.per_device_eval_batch_size)
         rows, metrics = score_records(scorer, predict_records)
         if trainer.is_world_process_zero():
-            path = os.path.join(training_args.output_dir, "predictions.jsonl")
+            path = os.path.join(out, "predictions.jsonl")
             write_jsonl(rows, path)
             logger.info("wrote %d scored records to %s", len(rows), path)
             if metrics:
                 metrics = {f"predict_{k}": v for k, v in metrics.items()}
                 metrics["predict_samples"] = sum("chosen" in r for r in predict_records)
                 trainer.log_metrics("predict", metrics)
-                trainer.save_metrics("predict", metrics)
-                write_results(training_args.output_dir, "predict", metrics)
-    if trainer.is_world_process_zero():  # output_dir/training_curves.png, train and eval series
-        save_training_curves(training_args.output_dir, trainer.state.log_history, title="RM")
+                record_metrics(trainer, out, "predict", metrics)
+    save_curves(trainer, out, title="RM")
     return trainer
 
 

@@ -15,17 +15,16 @@ import logging
 from trl import SFTConfig, SFTTrainer
 
 from medtrain.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, finalize, parse_args
-from medtrain.chat_format import get_chat_format, save_chat_format
+from medtrain.chat_format import get_chat_format
 from medtrain.data import load_splits, log_first_sample, tokenize_conversations
 from medtrain.efficiency import count_tokens, plan_batches, token_throughput
 from medtrain.entrypoint import run_main
 from medtrain.formats import load_conversations
 from medtrain.fused_loss import EfficientSFTTrainer
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
-from medtrain.plotting import save_training_curves
+from medtrain.outputs import evaluate_and_record, language_model_perplexity, save_curves, train_and_save
 from medtrain.resilience import resilience_callbacks
-from medtrain.rope import save_rope_record
-from medtrain.runtime import perplexity, start_run, write_results
+from medtrain.runtime import start_run
 
 logger = logging.getLogger("medtrain.sft")
 
@@ -82,29 +81,16 @@ def main(args: list[str] | None = None) -> SFTTrainer:
         fused_loss=cpu_paths,
     )
 
-    # Train, save, evaluate
+    # Train, save (model, tokenizer, chat format, rope record), evaluate (loss, perplexity), curves
+    out = training_args.output_dir
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model(training_args.output_dir)
-        trainer.save_state()
-        if trainer.is_world_process_zero():
-            save_chat_format(chat_format, training_args.output_dir)
-            throughput = token_throughput(tokens, trainer.state.epoch, result.metrics["train_runtime"])
-            metrics = dict(result.metrics, train_samples=tokens["samples"], **throughput)
-            if lora_args.use_peft:
-                save_rope_record(trainer.model, training_args.output_dir)
-            trainer.save_metrics("train", metrics)
-            write_results(training_args.output_dir, "train", metrics)
+        train_and_save(trainer, out, resume, tokenizer=tokenizer, chat_format=chat_format,
+                       train_samples=tokens["samples"],  # conversations, before packing
+                       extra_metrics=lambda result: token_throughput(tokens, trainer.state.epoch,
+                                                                     result.metrics["train_runtime"]))
     if training_args.do_eval and eval_dataset is not None:
-        metrics = trainer.evaluate()
-        metrics["perplexity"] = perplexity(metrics["eval_loss"])
-        metrics["eval_samples"] = eval_samples
-        trainer.log_metrics("eval", metrics)
-        if trainer.is_world_process_zero():
-            trainer.save_metrics("eval", metrics)
-            write_results(training_args.output_dir, "eval", metrics)
-    if trainer.is_world_process_zero():  # output_dir/training_curves.png, train and eval series
-        save_training_curves(training_args.output_dir, trainer.state.log_history, title="SFT")
+        evaluate_and_record(trainer, out, eval_samples, derived=language_model_perplexity)
+    save_curves(trainer, out, title="SFT")
     return trainer
 
 

@@ -317,12 +317,3 @@ def build_trainer(model: Any, ref_model: Any | None, training_args: DPOConfig, t
         if "ref" in getattr(trainer.model, "peft_config", {}):
             trainer.model.delete_adapter("ref")
     return trainer
-
-
-def evaluate_once(trainer: DPOTrainer) -> dict:
-    """Eval metrics at the current step; reuses the evaluation ``--eval_strategy`` just ran at the last step."""
-    state = trainer.state
-    last = next((h for h in reversed(state.log_history) if "eval_loss" in h), None)
-    if last is not None and state.global_step > 0 and last["step"] == state.global_step:
-        return {k: v for k, v in last.items() if k.startswith("eval_") or k == "epoch"}
-    return trainer.evaluate()

@@ -1,13 +1,13 @@
 """Run set-up every stage shares: process-level settings, logging, seeding, the output directory guard, the
 environment report. :func:`start_run` is the one place a stage changes its process (environment variables, malloc,
-DeepSpeed communication); importing medtrain or parsing flags changes nothing.
+DeepSpeed communication); importing medtrain or parsing flags changes nothing. The end of a run (train, save,
+evaluate, record results) is medtrain/outputs.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 from typing import Any
@@ -91,24 +91,6 @@ def describe_environment(training_args: Any) -> dict:
     }
     logger.info("environment: %s", json.dumps(info))
     return info
-
-
-def write_results(output_dir: str, split: str, metrics: dict) -> str:
-    """Write ``{split}_results.txt`` (``key = value`` lines, as the seed documents) next to Trainer's JSON."""
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, f"{split}_results.txt")
-    with open(path, "w", encoding="utf-8") as fh:
-        for key in sorted(metrics):
-            fh.write(f"{key} = {metrics[key]}\n")
-    return path
-
-
-def perplexity(loss: float) -> float:
-
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return float("inf")
 
 
 def apply_process_settings(training_args: Any) -> dict:

@@ -54,7 +54,11 @@ def test_trl_rloo_and_grpo_modes_run(rl_setup, tmp_path, algo, extra):
     proc = ppo(rl_setup, out, "--rl_algo", algo, "--max_steps", "1", "--per_device_train_batch_size", "2",
                "--max_completion_length", "6", "--save_strategy", "no", *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "adapter_model.safetensors").is_file()
+    assert (out / "adapter_model.safetensors").is_file() and (out / "medtrain_chat_format.json").is_file()
+    # saved like every Trainer stage: the log history pipeline_summary.py draws, results as JSON and text
+    assert any("reward" in e for e in json.loads((out / "trainer_state.json").read_text())["log_history"])
+    assert json.loads((out / "train_results.json").read_text())["train_samples"] == 8
+    assert "train_samples = 8" in (out / "train_results.txt").read_text()
 
 
 def test_reward_model_with_another_vocabulary_is_refused(rl_setup, tmp_path):

@@ -273,7 +273,7 @@ def test_run_main_maps_stops_to_their_exit_status_and_message(capsys):
 
 def test_every_trainer_stage_is_wired_through_resilience_callbacks():
     """New stages get the same protection by passing resilience_callbacks(run_args) to their trainer."""
-    scripts = [p for p in ROOT.glob("*.py") if "trainer.train(" in p.read_text()]
+    scripts = [p for p in ROOT.glob("*.py") if "trainer.train(" in p.read_text() or "train_and_save(" in p.read_text()]
     assert {p.name for p in scripts} >= {"pretraining.py", "supervised_finetuning.py", "reward_modeling.py",
                                          "dpo_training.py", "ppo_training.py"}
     for script in scripts:

@@ -624,6 +624,10 @@ class PPOTrainer:
         self._print(f"step {entry['step']}/{self.max_steps} ({elapsed:.0f}s) "
                     + " ".join(f"{label}={entry[key]:.4g}" for label, key in CONSOLE_METRICS.items()))
 
+    def is_world_process_zero(self) -> bool:
+        """True on the process that writes files (transformers.Trainer's name, so stage code treats both alike)."""
+        return self.accelerator.is_main_process
+
     def _print(self, message: str) -> None:
         if self.accelerator.is_main_process:
             print(message, flush=True)
