@@ -24,7 +24,7 @@ from medtrain.arguments import LoraArguments, ModelArguments, RunArguments, fina
 from medtrain.entrypoint import run_main
 from medtrain.errors import UserError
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
-from medtrain.outputs import evaluate_and_record, language_model_perplexity, save_curves, train_and_save
+from medtrain.outputs import evaluate_and_record, evaluate_once, language_model_perplexity, save_curves, train_and_save
 from medtrain.pretrain_data import (
     PretrainCollator,
     PretrainDataArguments,
@@ -135,13 +135,15 @@ def main(args: list[str] | None = None) -> Trainer:
         callbacks=resilience_callbacks(run_args),
     )
 
-    # Train, save (model, tokenizer, rope record), evaluate (loss, perplexity, next-token accuracy), curves
+    # Train, save (model, tokenizer, rope record), evaluate (loss, perplexity, next-token accuracy;
+    # a last step that --eval_strategy already evaluated is reused, not run again), curves
     out, streamed = training_args.output_dir, data_args.streaming  # a streamed corpus has no length: no *_samples
     if training_args.do_train:
         train_and_save(trainer, out, resume, tokenizer=tokenizer, chat_format=None,  # plain text: no chat format
                        train_samples=None if streamed else len(train_dataset))
     if training_args.do_eval and eval_dataset is not None:
-        evaluate_and_record(trainer, out, None if streamed else len(eval_dataset), derived=language_model_perplexity)
+        evaluate_and_record(trainer, out, None if streamed else len(eval_dataset), evaluate=evaluate_once,
+                            derived=language_model_perplexity)
     save_curves(trainer, out, title="PT")
     return trainer
 

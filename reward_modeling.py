@@ -24,7 +24,7 @@ from medtrain.data import load_splits
 from medtrain.entrypoint import run_main
 from medtrain.formats import find_data_files, load_preferences
 from medtrain.modeling import apply_lora, load_tokenizer
-from medtrain.outputs import evaluate_and_record, record_metrics, save_curves, train_and_save
+from medtrain.outputs import evaluate_and_record, evaluate_once, record_metrics, save_curves, train_and_save
 from medtrain.preference import encode_pairs
 from medtrain.resilience import resilience_callbacks
 from medtrain.reward import (
@@ -96,13 +96,14 @@ def main(args: list[str] | None = None) -> RewardModelTrainer:
         callbacks=resilience_callbacks(run_args),
     )
 
-    # Train, save (model + score head, tokenizer, chat format), evaluate (pairwise accuracy, margin), predict, curves
+    # Train, save (model + score head, tokenizer, chat format), evaluate (pairwise accuracy, margin;
+    # a last step that --eval_strategy already evaluated is reused, not run again), predict, curves
     out = training_args.output_dir
     if training_args.do_train:
         train_and_save(trainer, out, resume, tokenizer=tokenizer, chat_format=chat_format,
                        train_samples=len(train_pairs))
     if training_args.do_eval and eval_pairs:
-        evaluate_and_record(trainer, out, len(eval_pairs))
+        evaluate_and_record(trainer, out, len(eval_pairs), evaluate=evaluate_once)
     if training_args.do_predict:
         # Every rank runs the same forward passes (ZeRO-3 shards need all ranks); rank 0 writes.
         scorer = RewardScorer(trainer.model, tokenizer, chat_format, max_length=data_args.model_max_length,

@@ -22,7 +22,7 @@ from medtrain.entrypoint import run_main
 from medtrain.formats import load_conversations
 from medtrain.fused_loss import EfficientSFTTrainer
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
-from medtrain.outputs import evaluate_and_record, language_model_perplexity, save_curves, train_and_save
+from medtrain.outputs import evaluate_and_record, evaluate_once, language_model_perplexity, save_curves, train_and_save
 from medtrain.resilience import resilience_callbacks
 from medtrain.runtime import start_run
 
@@ -81,7 +81,8 @@ def main(args: list[str] | None = None) -> SFTTrainer:
         fused_loss=cpu_paths,
     )
 
-    # Train, save (model, tokenizer, chat format, rope record), evaluate (loss, perplexity), curves
+    # Train, save (model, tokenizer, chat format, rope record), evaluate (loss, perplexity; a last
+    # step that --eval_strategy already evaluated is reused, not run again), curves
     out = training_args.output_dir
     if training_args.do_train:
         train_and_save(trainer, out, resume, tokenizer=tokenizer, chat_format=chat_format,
@@ -89,7 +90,7 @@ def main(args: list[str] | None = None) -> SFTTrainer:
                        extra_metrics=lambda result: token_throughput(tokens, trainer.state.epoch,
                                                                      result.metrics["train_runtime"]))
     if training_args.do_eval and eval_dataset is not None:
-        evaluate_and_record(trainer, out, eval_samples, derived=language_model_perplexity)
+        evaluate_and_record(trainer, out, eval_samples, evaluate=evaluate_once, derived=language_model_perplexity)
     save_curves(trainer, out, title="SFT")
     return trainer
 

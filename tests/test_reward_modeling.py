@@ -224,6 +224,11 @@ def test_learns_the_synthetic_preference(trained):
     assert float(results["eval_reward_margin"]) == pytest.approx(
         float(results["eval_chosen_reward"]) - float(results["eval_rejected_reward"]), abs=1e-4)
     assert json.loads((out / "eval_results.json").read_text())["eval_accuracy"] == after
+    # --eval_strategy epoch evaluated the last step: those metrics are the final ones, not a second evaluation
+    assert [e["step"] for e in evals] == [0, trained["trainer"].state.global_step]
+    final = json.loads((out / "eval_results.json").read_text())
+    assert {k: final[k] for k in ("eval_loss", "eval_accuracy", "eval_reward_margin")} == {
+        k: evals[-1][k] for k in ("eval_loss", "eval_accuracy", "eval_reward_margin")}
     assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(out / "logs") for name in files)
 
 
