@@ -21,35 +21,27 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
 
 from medtrain import evaluation
-from medtrain.arguments import ModelArguments, parse_args
+from medtrain.arguments import flag_spelling, parse_args
 from medtrain.benchmarks import check_fewshot, load_benchmarks, select_subjects, write_tasks
-from medtrain.chat_format import resolve_chat_format
 from medtrain.contamination import TrainingIndex, check_questions
 from medtrain.entrypoint import run_main
 from medtrain.errors import ConfigError
-from medtrain.merging import check_base_path, detect_model_type, load_adapted_model, load_base, read_adapter
-from medtrain.modeling import load_tokenizer, resolve_dtype
+from medtrain.generation import GenerationModelArguments, load_for_inference
 
 logger = logging.getLogger("medtrain.eval")
 
 
 @dataclass
 class EvalArguments:
-    """Flags of eval_benchmarks.py."""
+    """Flags of eval_benchmarks.py besides the model's (--model_name_or_path, --lora_model, --tokenizer_name_or_path,
+    --template_name, --system_prompt, --torch_dtype, --trust_remote_code: :class:`GenerationModelArguments`, shared
+    with inference and serving; the adapter is evaluated unmerged)."""
 
-    model_name_or_path: str = field(metadata={"help": "Model directory: a base, a merged model, or an adapter's base."})
     benchmark_dir: str = field(metadata={"help": "Folder of benchmark files (CMMLU CSV, multiple-choice JSONL, PubMedQA json; dev/ = k-shot "
                                     "examples), or several folders separated by commas."})
     output_dir: str = field(metadata={"help": "Where the task configs and results go."})
-    lora_model: str | None = field(default=None, metadata={"help": "A LoRA adapter dir, evaluated on the base without merging."})
-    tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer; default: the adapter dir's if it has one, else the model's."}
-    )
     tasks: str | None = field(
         default=None, metadata={"help": "Comma-separated subjects (or medtrain_* task names, wildcards allowed); default all."}
     )
@@ -62,21 +54,12 @@ class EvalArguments:
                           "Default off: the plain prompt every model (base, SFT, DPO, PPO) sees identically, as in "
                           "published CMMLU/MMLU numbers and lm-eval's own default."},
     )
-    template_name: str | None = field(default=None, metadata={"help": "With --chat_template: a template.py template instead of the recorded format."})
-    system_prompt: str | None = field(
-        default=None,
-        metadata={"help": "With --chat_template: system text placed before the task description in the system message "
-                          "(default: the one recorded at training time)."},
-    )
     log_samples: bool = field(default=False, metadata={"help": "Write OUT/samples.jsonl: every question with the model's choice and log-likelihoods."})
     train_file_dir: str | None = field(
         default=None,
         metadata={"help": "Contamination check: comma-separated training dirs/files (json, jsonl, txt) the model saw; "
                           "questions sharing a normalised 13-gram with them are reported per subject."},
     )
-    torch_dtype: str = field(default="auto", metadata={"help": "Weights dtype; auto = float32 on CPU.",
-                                                       "choices": ["auto", "float32", "bfloat16", "float16"]})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint to run."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace the results in an existing output dir."})
 
     def __post_init__(self) -> None:
@@ -87,10 +70,17 @@ class EvalArguments:
             problems.append(f"--limit must be positive, got {self.limit}.")
         if self.batch_size <= 0:
             problems.append(f"--batch_size must be positive, got {self.batch_size}.")
-        if (self.template_name or self.system_prompt is not None) and not self.chat_template:
-            problems.append("--template_name/--system_prompt shape the chat prompt: add --chat_template True.")
         if problems:
             raise ConfigError(problems)
+
+
+ARGUMENTS = [GenerationModelArguments, EvalArguments]
+
+
+def check_arguments(model_args: GenerationModelArguments, args: EvalArguments) -> None:
+    """Checks across the two dataclasses (each checks its own fields when parsed)."""
+    if (model_args.template_name or model_args.system_prompt is not None) and not args.chat_template:
+        raise ConfigError("--template_name/--system_prompt shape the chat prompt: add --chat_template True.")
 
 
 OUTPUTS = ("tasks", "data", "logs", "results.json", "results.md", "lm_eval_results.json", "samples.jsonl",
@@ -112,33 +102,9 @@ def clear_previous_results(output_dir: str) -> None:
             os.remove(path)
 
 
-def load_model_and_tokenizer(args: EvalArguments) -> tuple[Any, Any]:
-    """The model (a PeftModel when --lora_model: the adapter stays unmerged) and its tokenizer."""
-    check_base_path(args.model_name_or_path)
-    adapter = read_adapter(args.lora_model) if args.lora_model else None
-    tokenizer_dir = args.tokenizer_name_or_path or (
-        args.lora_model if args.lora_model and os.path.isfile(os.path.join(args.lora_model, "tokenizer_config.json"))
-        else args.model_name_or_path
-    )
-    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=tokenizer_dir, trust_remote_code=args.trust_remote_code))
-    dtype = resolve_dtype(args.torch_dtype)
-    if adapter is not None:
-        if detect_model_type(adapter) != "causal_lm":
-            raise ConfigError(f"--lora_model {args.lora_model} is a reward-model adapter: it scores, it has no LM head.")
-        model, _ = load_adapted_model(args.model_name_or_path, adapter, tokenizer, "causal_lm", dtype,
-                                      args.trust_remote_code)
-    else:
-        model = load_base(args.model_name_or_path, "causal_lm", dtype, args.trust_remote_code)
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        raise ConfigError(f"the tokenizer ({tokenizer_dir}) has {len(tokenizer)} tokens but the model only "
-                          f"{model.get_input_embeddings().weight.shape[0]} embedding rows: pass its own tokenizer.")
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    return model.eval(), tokenizer
-
-
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = parse_args([EvalArguments], argv)
+    model_args, args = parse_args(ARGUMENTS, argv)
+    check_arguments(model_args, args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO, force=True)
     # Check everything (flags, output dir, benchmark files, training files, model) before writing anything
@@ -148,12 +114,11 @@ def main(argv: list[str] | None = None) -> dict:
     index = None
     if args.train_file_dir:
         index = TrainingIndex.from_paths([p.strip() for p in args.train_file_dir.split(",") if p.strip()])
-    model, tokenizer = load_model_and_tokenizer(args)
-    chat_format = None
-    if args.chat_template:
-        dirs = [d for d in (args.lora_model, args.model_name_or_path) if d]
-        chat_format = resolve_chat_format(tokenizer, dirs, args.template_name, args.system_prompt)
-        logger.info("chat format: %s", chat_format.record())
+    # The adapter stays unmerged (scored as trained); lm-eval's log-likelihood batches are right-padded; a chat
+    # format only with --chat_template (the plain prompt needs none, so a bad recorded one cannot stop it)
+    model, tokenizer, chat_format = load_for_inference(
+        model_args, merge=False, padding_side="right", with_chat_format=args.chat_template,
+        model_flag=flag_spelling(argv, GenerationModelArguments, "model_name_or_path"))
     n_questions = sum(len(s.test[: args.limit]) for s in subjects)
     logger.info("%d subjects, %d questions, %d-shot, chat template %s", len(subjects), n_questions,
                 args.num_fewshot, "on" if chat_format else "off")
@@ -179,10 +144,11 @@ def main(argv: list[str] | None = None) -> dict:
                          for s in subjects}
     summary = evaluation.summarize(raw, subjects, contamination)
     dtype = str(getattr(model, "dtype", "float32")).replace("torch.", "")
-    command = evaluation.lm_eval_command(args.model_name_or_path, args.lora_model, task_dir, tasks, args.num_fewshot,
-                                         args.limit, args.batch_size, dtype, chat_format is not None, system)
+    command = evaluation.lm_eval_command(model_args.model_name_or_path, model_args.lora_model, task_dir, tasks,
+                                         args.num_fewshot, args.limit, args.batch_size, dtype, chat_format is not None,
+                                         system)
     summary = {
-        "model_name_or_path": args.model_name_or_path, "lora_model": args.lora_model,
+        "model_name_or_path": model_args.model_name_or_path, "lora_model": model_args.lora_model,
         "benchmark_dir": args.benchmark_dir, "num_fewshot": args.num_fewshot, "limit": args.limit,
         "batch_size": args.batch_size, "chat_format": chat_format.record() if chat_format else None,
         "train_file_dir": args.train_file_dir, "lm_eval_version": raw.get("lm_eval_version"), **summary,

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from transformers import TextStreamer
 
-from medtrain.arguments import parse_args
+from medtrain.arguments import flag_spelling, parse_args
 from medtrain.entrypoint import run_main
 from medtrain.errors import ConfigError
 from medtrain.formats import find_data_files, load_prompts
@@ -196,7 +196,8 @@ def main(args: list[str] | None = None) -> Any:
                         level=logging.INFO, force=True)
     if inference_args.data_file:
         find_data_files(inference_args.data_file)  # a missing file fails before the model loads
-    model, tokenizer, chat_format = load_for_inference(model_args)
+    model, tokenizer, chat_format = load_for_inference(
+        model_args, model_flag=flag_spelling(args, GenerationModelArguments, "model_name_or_path"))
     if inference_args.data_file:
         return answer_file(model, tokenizer, chat_format, inference_args)
     return chat(model, tokenizer, chat_format, inference_args)

@@ -17,18 +17,23 @@ from __future__ import annotations
 import logging
 import sys
 
-from medtrain.arguments import parse_args
+from medtrain.arguments import ModelSourceArguments, flag_spelling, parse_args
 from medtrain.entrypoint import run_main
 from medtrain.merging import MergeArguments, MergeReport, merge_adapter
 
 logger = logging.getLogger("medtrain.merge")
 
+# --base_model (alias of --model_name_or_path), --lora_model, --tokenizer_path, --trust_remote_code: the model-source
+# flags every loading entry point shares; then the merge's own (its --torch_dtype is the dtype written).
+ARGUMENTS = [ModelSourceArguments, MergeArguments]
+REQUIRED = ("lora_model",)  # optional elsewhere (a plain model); here it is what gets merged
+
 
 def main(args: list[str] | None = None) -> MergeReport:
-    (merge_args,) = parse_args([MergeArguments], args)
+    source, merge_args = parse_args(ARGUMENTS, args, required=REQUIRED)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)], level=logging.INFO, force=True)
-    report = merge_adapter(merge_args)
+    report = merge_adapter(source, merge_args, flag_spelling(args, ModelSourceArguments, "model_name_or_path"))
     if report.max_abs_diff is not None:
         print(f"max |logit difference| merged vs base + adapter (float32): {report.max_abs_diff:.3g}")
     if report.quantized_max_abs_diff is not None:

@@ -124,6 +124,45 @@ class ModelArguments:
 
 
 @dataclass
+class ModelSourceArguments:
+    """Which finished model to load: a model directory, optionally a LoRA adapter on it, its tokenizer, and whether
+    its own code may run. Declared once for every entry point that loads a finished model (inference.py,
+    openai_api.py, web_demo.py, eval_benchmarks.py, merge_peft_adapter.py; tests/test_generation_arguments.py).
+
+    Spellings the entry points had before they shared this class are aliases, so every one of them takes both:
+    ``--base_model`` (inference.py's and merge_peft_adapter.py's) = ``--model_name_or_path`` (the training stages',
+    the servers' and eval_benchmarks.py's); ``--tokenizer_name_or_path`` (eval_benchmarks.py's, the training stages')
+    = ``--tokenizer_path`` (inference.py's and merge_peft_adapter.py's).
+    """
+
+    model_name_or_path: str = field(
+        metadata={"help": "Model directory (or Hub id): a base, a merged model, or an adapter's base.",
+                  "aliases": ["--base_model", "--base-model"]},
+    )
+    lora_model: str | None = field(
+        default=None,
+        metadata={"help": "A LoRA adapter directory trained on --model_name_or_path (merged in memory for generation, "
+                          "kept unmerged for evaluation; merge_peft_adapter.py writes the merge)."},
+    )
+    tokenizer_path: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer; default: the adapter dir's if it has one, else --model_name_or_path's.",
+                  "aliases": ["--tokenizer_name_or_path", "--tokenizer-name-or-path"]},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model/tokenizer code from the checkpoint to run. Off unless you trust it."}
+    )
+
+    def tokenizer_dir(self) -> str:
+        """``--tokenizer_path``, else the tokenizer saved with the adapter (training saves it), else the model's."""
+        if self.tokenizer_path:
+            return self.tokenizer_path
+        if self.lora_model and os.path.isfile(os.path.join(self.lora_model, "tokenizer_config.json")):
+            return self.lora_model
+        return self.model_name_or_path
+
+
+@dataclass
 class LoraArguments:
     """LoRA / full-training choice and the adapter's shape."""
 
@@ -275,6 +314,17 @@ def _refuse_renamed(names: list[str], where: str) -> None:
         raise ConfigError([f"{where}--{name} was removed: use {RENAMED_FLAGS[name]} (same meaning)." for name in old])
 
 
+def flag_spelling(args: list[str] | None, dataclass_type: type, name: str) -> str:
+    """How the command line ``args`` (default ``sys.argv[1:]``) spelled the flag of ``dataclass_type``'s field
+    ``name``: an alias the user typed (``--base_model`` for ``model_name_or_path``), else the canonical ``--name``.
+    Error messages name it, so they speak of the flag the user actually used."""
+    spec = next(f for f in fields(dataclass_type) if f.name == name)
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}", *_as_list(spec.metadata.get("aliases", []))}
+    given = [a.split("=", 1)[0] for a in (sys.argv[1:] if args is None else args)]
+    used = [a for a in given if a in spellings]
+    return used[-1] if used else f"--{name}"
+
+
 def _as_list(value: Any) -> list:
     return [value] if isinstance(value, str) else list(value)
 
@@ -307,7 +357,8 @@ def _file_args(path: str) -> dict[str, Any]:
     return data
 
 
-def parse_args(dataclass_types: list[type], args: list[str] | None = None, stage_defaults: dict | None = None):
+def parse_args(dataclass_types: list[type], args: list[str] | None = None, stage_defaults: dict | None = None,
+               required: tuple[str, ...] = ()):
     """Parse flags (or one .json/.yaml file plus overriding flags) into instances of ``dataclass_types``.
 
     Pure: flags/file -> dataclasses, nothing else (no environment variable, process group or allocator setting;
@@ -315,12 +366,18 @@ def parse_args(dataclass_types: list[type], args: list[str] | None = None, stage
     ``trust_remote_code`` in ModelArguments and TRL's configs) become one flag whose value every dataclass receives.
     On a machine without CUDA, ``use_cpu`` defaults to True (without it torchrun on CPU silently trains each rank
     alone) and bf16/gradient checkpointing default off. A removed spelling (see :data:`RENAMED_FLAGS`) is an error
-    that names its replacement.
+    that names its replacement. ``required``: fields that are optional in a shared dataclass but this command
+    cannot do without (merge_peft_adapter.py's --lora_model): argparse requires and `--help` marks them.
     """
     args = list(sys.argv[1:] if args is None else args)
     _refuse_renamed([a.split("=", 1)[0][2:] for a in args if a.startswith("--")], "")
     parser = HfArgumentParser(dataclass_types, conflict_handler="resolve")
     known = {f.name for dc in dataclass_types for f in fields(dc) if f.init}
+    if set(required) - known:
+        raise ValueError(f"required={sorted(set(required) - known)}: no such field")  # a programming error
+    for action in parser._actions:
+        if action.dest in required:
+            action.required = True
     # TRL declares switches such as bf16 as `bool | None`, for which HfArgumentParser wants a value ("--bf16 True");
     # accept the bare flag ("--bf16") as for every other boolean switch.
     optional_bools = {f.name for dc in dataclass_types for f in fields(dc) if f.init and _is_optional_bool(f.type)}

@@ -17,15 +17,16 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from .arguments import TORCH_DTYPES, ModelArguments
+from .arguments import TORCH_DTYPES, ModelArguments, ModelSourceArguments
 from .chat_format import RECORD_FILE, load_recorded_chat_format, prompt_pieces, resolve_chat_format
 from .errors import ConfigError
 from .merging import check_base_path, detect_model_type, load_adapted_model, load_base, read_adapter
 from .modeling import load_tokenizer, resolve_dtype
 from .tokenization import encode_dialog
 
-__all__ = ["GenerationModelArguments", "decode_response", "format_source", "generate_batch", "generate_responses",
-           "generation_config", "left_pad", "load_for_inference", "model_dirs_of", "prompt_ids", "stop_token_ids"]
+__all__ = ["GenerationModelArguments", "decode_response", "format_source", "generate_batch",
+           "generate_responses", "generation_config", "left_pad", "load_for_inference", "model_dirs_of", "prompt_ids",
+           "stop_token_ids"]
 
 
 def prompt_ids(tokenizer: Any, chat_format: Any, messages: list[dict], tools: list | None = None) -> list[int]:
@@ -148,26 +149,11 @@ def generate_responses(
 
 
 @dataclass
-class GenerationModelArguments:
-    """The model to generate with and how to render its chats: the model-loading flags of inference.py, openai_api.py
-    and web_demo.py, declared once so the three cannot drift apart (tests/test_generation_arguments.py).
+class GenerationModelArguments(ModelSourceArguments):
+    """:class:`ModelSourceArguments` plus how to load the weights and render chats: the model flags of inference.py,
+    openai_api.py, web_demo.py and eval_benchmarks.py (merge_peft_adapter.py has no chat to render and its
+    ``--torch_dtype`` is the dtype it writes, not the one it loads in)."""
 
-    ``--base_model`` (inference.py's historical spelling, also merge_peft_adapter.py's) is an alias of
-    ``--model_name_or_path`` (the training stages' and the servers' spelling): every entry point accepts both.
-    """
-
-    model_name_or_path: str = field(
-        metadata={"help": "Model directory (or Hub id): a base, a merged model, or an adapter's base.",
-                  "aliases": ["--base_model", "--base-model"]},
-    )
-    lora_model: str | None = field(
-        default=None,
-        metadata={"help": "A LoRA adapter directory to apply on --model_name_or_path (merged in memory at load)."},
-    )
-    tokenizer_path: str | None = field(
-        default=None,
-        metadata={"help": "Tokenizer; default: the adapter dir's if it has one, else --model_name_or_path's."},
-    )
     template_name: str | None = field(
         default=None,
         metadata={"help": "Conversation template; default: the format recorded at training time in the model dir."},
@@ -181,36 +167,41 @@ class GenerationModelArguments:
         default="auto",
         metadata={"help": "Weights dtype; auto = float32 on CPU, bf16/fp16 on GPU.", "choices": TORCH_DTYPES},
     )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow model/tokenizer code from the checkpoint to run. Off unless you trust it."}
-    )
 
 
-def load_for_inference(args: GenerationModelArguments) -> tuple[Any, Any, Any]:
-    """Model (adapter merged in memory, on CUDA when there is one, in eval mode), left-padding tokenizer and the chat
-    format, for generation: the one loader of inference.py, openai_api.py and web_demo.py. The format used and where
-    it comes from are printed to stderr.
+def load_for_inference(args: GenerationModelArguments, *, merge: bool = True, padding_side: str = "left",
+                       with_chat_format: bool = True,
+                       model_flag: str = "--model_name_or_path") -> tuple[Any, Any, Any]:
+    """Model (on CUDA when there is one, in eval mode), tokenizer and chat format: the one loader of inference.py,
+    openai_api.py, web_demo.py and eval_benchmarks.py. The format used and where it comes from are printed to stderr.
+
+    ``merge``: fold ``--lora_model`` into the weights (one matmul per layer while generating), else return the
+    PeftModel (evaluation scores the adapter as trained). ``padding_side``: left for generation (every row continues
+    at the same column), right for lm-eval's log-likelihoods. ``with_chat_format`` False: no format is resolved
+    (None is returned; a plain-prompt evaluation needs none). ``model_flag``: the spelling of the model flag the user
+    typed, which error messages name. Everything that can be checked without weights is checked first.
     """
-    check_base_path(args.model_name_or_path)
+    check_base_path(args.model_name_or_path, model_flag)
     adapter = read_adapter(args.lora_model) if args.lora_model else None
-    tokenizer_dir = args.tokenizer_path or (
-        args.lora_model if args.lora_model and os.path.isfile(os.path.join(args.lora_model, "tokenizer_config.json"))
-        else args.model_name_or_path
-    )
+    tokenizer_dir = args.tokenizer_dir()
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=tokenizer_dir,
-                                              trust_remote_code=args.trust_remote_code), padding_side="left")
-    model_dirs = model_dirs_of(args)
-    chat_format = resolve_chat_format(tokenizer, model_dirs, args.template_name, args.system_prompt)
-    print(f"chat format: {json.dumps(chat_format.record(), ensure_ascii=False)} ({format_source(args, model_dirs)})",
-          file=sys.stderr, flush=True)
+                                              trust_remote_code=args.trust_remote_code), padding_side=padding_side)
+    chat_format = None
+    if with_chat_format:
+        model_dirs = model_dirs_of(args)
+        chat_format = resolve_chat_format(tokenizer, model_dirs, args.template_name, args.system_prompt)
+        print(f"chat format: {json.dumps(chat_format.record(), ensure_ascii=False)} "
+              f"({format_source(args, model_dirs)})", file=sys.stderr, flush=True)
 
     dtype = resolve_dtype(args.torch_dtype)
     if adapter is not None:
         if detect_model_type(adapter) != "causal_lm":
-            raise ConfigError(f"--lora_model {args.lora_model} is a reward-model adapter (it scores, it cannot chat).")
+            raise ConfigError(f"--lora_model {args.lora_model} is a reward-model adapter: it scores, it has no "
+                              "language-model head to generate or score text with.")
         model, _ = load_adapted_model(args.model_name_or_path, adapter, tokenizer, "causal_lm", dtype,
                                       args.trust_remote_code)
-        model = model.merge_and_unload()  # one matmul per layer instead of two while generating
+        if merge:
+            model = model.merge_and_unload()  # one matmul per layer instead of two while generating
     else:
         model = load_base(args.model_name_or_path, "causal_lm", dtype, args.trust_remote_code)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
@@ -223,7 +214,7 @@ def load_for_inference(args: GenerationModelArguments) -> tuple[Any, Any, Any]:
     return model.eval(), tokenizer, chat_format
 
 
-def model_dirs_of(args: GenerationModelArguments) -> list[str]:
+def model_dirs_of(args: ModelSourceArguments) -> list[str]:
     """Where a recorded chat format is looked for, first match wins: the adapter dir, then the model dir."""
     return [d for d in (args.lora_model, args.model_name_or_path) if d]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .arguments import ModelArguments
+from .arguments import ModelArguments, ModelSourceArguments
 from .chat_format import RECORD_FILE, load_recorded_chat_format, resolve_chat_format
 from .errors import ConfigError, UserError
 from .jinja_chat_templates import jinja_chat_template
@@ -45,15 +45,11 @@ _CARD_QUANT_LINE = "The following `bitsandbytes` quantization config was used du
 
 @dataclass
 class MergeArguments:
-    """Flags of merge_peft_adapter.py."""
+    """Flags of merge_peft_adapter.py besides the model source (--base_model/--model_name_or_path, --lora_model,
+    --tokenizer_path, --trust_remote_code: :class:`medtrain.arguments.ModelSourceArguments`, shared with inference,
+    serving and evaluation)."""
 
-    base_model: str = field(metadata={"help": "The full-precision base model directory (or Hub id) the adapter was trained on."})
-    lora_model: str = field(metadata={"help": "The LoRA adapter directory (output_dir of a LoRA/QLoRA training run)."})
     output_dir: str = field(metadata={"help": "Where to write the merged model (must not exist or be empty)."})
-    tokenizer_path: str | None = field(
-        default=None,
-        metadata={"help": "Tokenizer to save with the merged model. Default: the adapter dir's (as trained), else the base's."},
-    )
     model_type: str = field(
         default="auto",
         metadata={
@@ -62,6 +58,9 @@ class MergeArguments:
             "choices": MODEL_TYPES,
         },
     )
+    # Not GenerationModelArguments.torch_dtype: there it is the dtype weights are loaded and run in (auto = float32
+    # on CPU, bf16/fp16 on GPU); here merging always runs in float32 and this is the dtype written (auto = the base
+    # checkpoint's own dtype). Same spelling and choices, different meaning and resolution: kept separate.
     torch_dtype: str = field(
         default="auto",
         metadata={
@@ -77,9 +76,6 @@ class MergeArguments:
             "--load_in_8bit; auto = read the adapter's model card, else none.",
             "choices": QUANTIZATIONS,
         },
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow model/tokenizer code from the checkpoint to run. Off unless you trust it."}
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
     no_verify: bool = field(
@@ -237,16 +233,17 @@ def _read_config(path: str, trust_remote_code: bool) -> Any:
         raise UserError(f"cannot read a model config from {path}{where}: {str(err).splitlines()[0]}") from None
 
 
-def check_base_path(base_model: str) -> None:
-    """The base must be a full model, not an adapter, and must hold full-precision weights."""
+def check_base_path(base_model: str, flag: str = "--model_name_or_path") -> None:
+    """The base must be a full model, not an adapter, and must hold full-precision weights. Errors name ``flag``,
+    the spelling the user typed (``--model_name_or_path`` or its alias ``--base_model``)."""
     local = os.path.isdir(base_model)
     if not local and base_model.startswith((".", "/", "~")):
-        raise ConfigError(f"--base_model {base_model}: no such directory.")
+        raise ConfigError(f"{flag} {base_model}: no such directory.")
     if local and os.path.isfile(os.path.join(base_model, ADAPTER_CONFIG)) and not os.path.isfile(
         os.path.join(base_model, "config.json")
     ):
         raise ConfigError(
-            f"--base_model {base_model} is a LoRA adapter, not a model: merge it into its own base first and pass "
+            f"{flag} {base_model} is a LoRA adapter, not a model: merge it into its own base first and pass "
             "that merged directory."
         )
     if local and os.path.isfile(os.path.join(base_model, "config.json")):
@@ -254,7 +251,7 @@ def check_base_path(base_model: str) -> None:
             quant = json.load(fh).get("quantization_config")
         if quant:
             raise ConfigError(
-                f"--base_model {base_model} stores quantized weights ({quant.get('quant_method', 'quantized')}): an "
+                f"{flag} {base_model} stores quantized weights ({quant.get('quant_method', 'quantized')}): an "
                 "adapter is merged into the full-precision base only. Pass the original (unquantized) base model."
             )
 
@@ -424,14 +421,6 @@ def load_adapted_model(base_model: str, info: AdapterInfo, tokenizer: Any, model
     return model.eval(), resized
 
 
-def load_merge_tokenizer(tokenizer_path: str | None, adapter_dir: str, base_model: str, trust_remote_code: bool) -> Any:
-    """``--tokenizer_path``, else the tokenizer saved with the adapter (training saves it), else the base's."""
-    path = tokenizer_path or (
-        adapter_dir if os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json")) else base_model
-    )
-    return load_tokenizer(ModelArguments(model_name_or_path=path, trust_remote_code=trust_remote_code))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Verification
 
@@ -559,30 +548,35 @@ def resolve_save_dtype(name: str, base_config: Any) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
-def merge_adapter(args: MergeArguments) -> MergeReport:
-    """Merge ``args.lora_model`` into ``args.base_model`` and write ``args.output_dir`` (see the module doc)."""
+def merge_adapter(source: ModelSourceArguments, args: MergeArguments,
+                  model_flag: str = "--model_name_or_path") -> MergeReport:
+    """Merge ``source.lora_model`` into ``source.model_name_or_path`` and write ``args.output_dir`` (see the module
+    doc); ``model_flag``: the spelling of the model flag the user typed, which error messages name."""
     # Everything that can be checked without loading weights is checked first, before anything is written.
-    info = read_adapter(args.lora_model)
-    check_base_path(args.base_model)
-    check_output_dir(args.output_dir, args.overwrite_output_dir, [args.base_model, args.lora_model, args.tokenizer_path])
+    info = read_adapter(source.lora_model)
+    check_base_path(source.model_name_or_path, model_flag)
+    check_output_dir(args.output_dir, args.overwrite_output_dir,
+                     [source.model_name_or_path, source.lora_model, source.tokenizer_path])
     model_type = detect_model_type(info, args.model_type)
     quantization = detect_training_quantization(info.path, args.training_quantization)
-    base_config = _read_config(args.base_model, args.trust_remote_code)
-    check_recorded_base(info, base_config, args.trust_remote_code)
-    tokenizer = load_merge_tokenizer(args.tokenizer_path, info.path, args.base_model, args.trust_remote_code)
-    chat_format, record_file = _recorded_format(info, args.base_model, tokenizer)
+    base_config = _read_config(source.model_name_or_path, source.trust_remote_code)
+    check_recorded_base(info, base_config, source.trust_remote_code)
+    # --tokenizer_path, else the tokenizer saved with the adapter (training saves it), else the base's
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=source.tokenizer_dir(),
+                                              trust_remote_code=source.trust_remote_code))
+    chat_format, record_file = _recorded_format(info, source.model_name_or_path, tokenizer)
     save_dtype = resolve_save_dtype(args.torch_dtype, base_config)
     report = MergeReport(args.output_dir, model_type, str(save_dtype).removeprefix("torch."), quantization=quantization)
     if record_file is None:
         report.notes.append(f"no {RECORD_FILE} in the adapter or base dir: inference will use the default chat format")
-    logger.info("merging %s adapter %s into %s (float32; written as %s)", model_type, info.path, args.base_model,
-                report.dtype)
+    logger.info("merging %s adapter %s into %s (float32; written as %s)", model_type, info.path,
+                source.model_name_or_path, report.dtype)
     if quantization:
         logger.info("the adapter was trained on a %s-quantized base; merging into the full-precision base", quantization)
 
     # Base + adapter in float32, reference outputs, then the merge itself.
-    model, report.resized_to = load_adapted_model(args.base_model, info, tokenizer, model_type, torch.float32,
-                                                  args.trust_remote_code)
+    model, report.resized_to = load_adapted_model(source.model_name_or_path, info, tokenizer, model_type, torch.float32,
+                                                  source.trust_remote_code)
     probes = probe_batch(model.get_input_embeddings().weight.shape[0], model.config.pad_token_id)
     reference = model_outputs(model, probes) if not args.no_verify else None
     model = model.merge_and_unload()
@@ -592,11 +586,11 @@ def merge_adapter(args: MergeArguments) -> MergeReport:
         if not report.max_abs_diff <= args.tolerance:  # also catches NaN
             raise UserError(
                 f"the merged model differs from base + adapter by {report.max_abs_diff:.3g} (max |logit|, float32), "
-                f"more than --tolerance {args.tolerance}: nothing was written. Check that --base_model is the model "
+                f"more than --tolerance {args.tolerance}: nothing was written. Check that {model_flag} is the model "
                 "the adapter was trained on (or pass --no_verify to write it anyway)."
             )
     if quantization and not args.no_verify:
-        report.quantized_max_abs_diff = _quantized_difference(args, info, tokenizer, model_type, quantization,
+        report.quantized_max_abs_diff = _quantized_difference(source, info, tokenizer, model_type, quantization,
                                                               probes, model_outputs(model, probes))
 
     # Untie input/output embeddings that the adapter trained separately, else saving would drop one of them.
@@ -626,7 +620,7 @@ def merge_adapter(args: MergeArguments) -> MergeReport:
             if reference is not None and save_dtype == torch.float32:
                 # The written files, reloaded, must give the same outputs (catches tying/saving mistakes).
                 del model
-                written = load_base(tmp_dir, model_type, torch.float32, args.trust_remote_code,
+                written = load_base(tmp_dir, model_type, torch.float32, source.trust_remote_code,
                                     num_labels=info.full_weight_rows(SCORE_HEAD) or 1)
                 report.written_max_abs_diff = max_abs_diff(model_outputs(written, probes), reference)
                 del written
@@ -637,7 +631,9 @@ def merge_adapter(args: MergeArguments) -> MergeReport:
                         "nothing was written (please report this)."
                     )
             with open(os.path.join(tmp_dir, MERGE_REPORT), "w", encoding="utf-8") as fh:
-                json.dump(dict(vars(report), base_model=args.base_model, lora_model=args.lora_model), fh, indent=2)
+                # merge_report.json keeps its keys (base_model, lora_model): other tools read it
+                json.dump(dict(vars(report), base_model=source.model_name_or_path, lora_model=source.lora_model), fh,
+                          indent=2)
             replace_dir(tmp_dir, target)
         finally:
             if os.path.isdir(tmp_dir):
@@ -645,12 +641,12 @@ def merge_adapter(args: MergeArguments) -> MergeReport:
     return report
 
 
-def _quantized_difference(args: MergeArguments, info: AdapterInfo, tokenizer: Any, model_type: str,
+def _quantized_difference(source: ModelSourceArguments, info: AdapterInfo, tokenizer: Any, model_type: str,
                           quantization: str, probes: torch.Tensor, merged: torch.Tensor) -> float | None:
     """Max |logit difference| between the merged model and the quantized base + adapter training used."""
     try:
-        quantized, _ = load_adapted_model(args.base_model, info, tokenizer, model_type, torch.float32,
-                                          args.trust_remote_code, quantization=quantization)
+        quantized, _ = load_adapted_model(source.model_name_or_path, info, tokenizer, model_type, torch.float32,
+                                          source.trust_remote_code, quantization=quantization)
     except (ImportError, UserError, RuntimeError) as err:
         logger.warning("could not load the %s-quantized base to compare with (%s)", quantization, err)
         return None
