@@ -20,7 +20,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from medtrain.arguments import parse_args
+from medtrain.arguments import flag_spelling, parse_args
 from medtrain.entrypoint import run_main
 from medtrain.errors import ConfigError
 from medtrain.generation import GenerationModelArguments
@@ -66,7 +66,8 @@ def main(args: list[str] | None = None) -> None:
                         level=logging.INFO, force=True)
     import uvicorn
 
-    engine, info = load_engine(model_args, serve_args)
+    engine, info = load_engine(model_args, serve_args,
+                               flag_spelling(args, GenerationModelArguments, "model_name_or_path"))
     name = api_args.served_model_name or os.path.basename(
         os.path.normpath(model_args.lora_model or model_args.model_name_or_path))
     api_key = api_args.api_key or os.environ.get("MEDTRAIN_API_KEY") or None

@@ -17,7 +17,7 @@ import queue
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from medtrain.arguments import parse_args
+from medtrain.arguments import flag_spelling, parse_args
 from medtrain.entrypoint import run_main
 from medtrain.errors import ConfigError, UserError
 from medtrain.generation import GenerationModelArguments
@@ -169,7 +169,8 @@ def main(args: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO, force=True)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
-    engine, info = load_engine(model_args, serve_args)
+    engine, info = load_engine(model_args, serve_args,
+                               flag_spelling(args, GenerationModelArguments, "model_name_or_path"))
     demo = build_demo(engine, info, demo_args, serve_args.max_tokens_limit)
     demo.queue(default_concurrency_limit=serve_args.max_batch_size, max_size=serve_args.max_queue_size)
     port = 7860 if serve_args.port is None else serve_args.port or free_port(serve_args.host)

@@ -387,13 +387,15 @@ class ServeArguments:
             raise ConfigError(problems)
 
 
-def load_engine(model_args: GenerationModelArguments, args: ServeArguments | None = None) -> tuple[Engine, dict]:
+def load_engine(model_args: GenerationModelArguments, args: ServeArguments | None = None,
+                model_flag: str = "--model_name_or_path") -> tuple[Engine, dict]:
     """Load the model as inference.py does (:func:`medtrain.generation.load_for_inference`) and start an engine
-    (``args``: its limits; default: the flags' defaults); also returns what is loaded, for display."""
+    (``args``: its limits; default: the flags' defaults); also returns what is loaded, for display. ``model_flag``:
+    the model flag as the user spelled it, for error messages."""
     args = args or ServeArguments()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    model, tokenizer, chat_format = load_for_inference(model_args)
+    model, tokenizer, chat_format = load_for_inference(model_args, model_flag=model_flag)
     path = model_args.model_name_or_path
     info = {
         "root": os.path.abspath(path) if os.path.isdir(path) else path,

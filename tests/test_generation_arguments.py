@@ -182,6 +182,8 @@ def test_a_missing_model_directory_is_named_by_the_flag_the_user_typed(spelling,
         "eval_benchmarks.py": lambda: eval_benchmarks.main(
             [spelling, missing, "--benchmark_dir", str(bench(tmp_path)), "--output_dir", str(tmp_path / "eval")]),
         "inference.py": lambda: inference.main([spelling, missing]),
+        "openai_api.py": lambda: openai_api.main([spelling, missing, "--port", "0"]),  # fails before serving
+        "web_demo.py": lambda: web_demo.main([spelling, missing, "--port", "0"]),
     }
     for script, main in mains.items():
         with pytest.raises(ConfigError) as err:
