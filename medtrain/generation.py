@@ -182,7 +182,7 @@ def load_for_inference(args: GenerationModelArguments, *, merge: bool = True, pa
     typed, which error messages name. Everything that can be checked without weights is checked first.
     """
     check_base_path(args.model_name_or_path, model_flag)
-    adapter = read_adapter(args.lora_model) if args.lora_model else None
+    adapter = read_adapter(args.lora_model, model_flag) if args.lora_model else None
     tokenizer_dir = args.tokenizer_dir()
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=tokenizer_dir,
                                               trust_remote_code=args.trust_remote_code), padding_side=padding_side)
@@ -199,7 +199,7 @@ def load_for_inference(args: GenerationModelArguments, *, merge: bool = True, pa
             raise ConfigError(f"--lora_model {args.lora_model} is a reward-model adapter: it scores, it has no "
                               "language-model head to generate or score text with.")
         model, _ = load_adapted_model(args.model_name_or_path, adapter, tokenizer, "causal_lm", dtype,
-                                      args.trust_remote_code)
+                                      args.trust_remote_code, model_flag=model_flag)
         if merge:
             model = model.merge_and_unload()  # one matmul per layer instead of two while generating
     else:

@@ -157,13 +157,14 @@ def _tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
     raise UserError(f"{path}: no adapter_model.safetensors (or .bin): the adapter's weights are missing.")
 
 
-def read_adapter(path: str) -> AdapterInfo:
-    """Read ``adapter_config.json`` and the weight shapes of the adapter in ``path``."""
+def read_adapter(path: str, model_flag: str = "--model_name_or_path") -> AdapterInfo:
+    """Read ``adapter_config.json`` and the weight shapes of the adapter in ``path`` (``model_flag``: the model flag
+    as the user spelled it, which messages name, as in :func:`check_base_path`)."""
     if not os.path.isdir(path):
         raise ConfigError(f"--lora_model {path}: no such directory.")
     config_file = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.isfile(config_file):
-        hint = " It holds a full model: use it as --base_model instead." if os.path.isfile(
+        hint = f" It holds a full model: use it as {model_flag} instead." if os.path.isfile(
             os.path.join(path, "config.json")) else ""
         raise ConfigError(f"--lora_model {path}: no {ADAPTER_CONFIG} there, so it is not a LoRA adapter.{hint}")
     try:
@@ -256,8 +257,10 @@ def check_base_path(base_model: str, flag: str = "--model_name_or_path") -> None
             )
 
 
-def check_recorded_base(info: AdapterInfo, base_config: Any, trust_remote_code: bool) -> None:
-    """Compare ``--base_model`` with the base recorded in adapter_config.json, when that one is on disk."""
+def check_recorded_base(info: AdapterInfo, base_config: Any, trust_remote_code: bool,
+                        model_flag: str = "--model_name_or_path") -> None:
+    """Compare the base model (``model_flag``) with the base recorded in adapter_config.json, when that one is on
+    disk."""
     recorded = info.recorded_base
     if not recorded or not os.path.isfile(os.path.join(recorded, "config.json")):
         return
@@ -271,7 +274,7 @@ def check_recorded_base(info: AdapterInfo, base_config: Any, trust_remote_code: 
     if differences:
         raise ConfigError(
             f"--lora_model {info.path} was trained on {recorded}, whose architecture or vocabulary differs from "
-            f"--base_model ({'; '.join(differences)}; adapter's base vs yours). Pass the base model it was trained on."
+            f"{model_flag} ({'; '.join(differences)}; adapter's base vs yours). Pass the base model it was trained on."
         )
 
 
@@ -299,7 +302,7 @@ def _expected_shape(module: Any, part: str) -> tuple[int, ...] | None:
     return None
 
 
-def check_adapter_shapes(model: Any, info: AdapterInfo) -> None:
+def check_adapter_shapes(model: Any, info: AdapterInfo, model_flag: str = "--model_name_or_path") -> None:
     """Every adapter tensor must fit a module of ``model``; mismatches are listed (a different architecture)."""
     problems = []
     for path, part, shape in info.module_shapes():
@@ -316,12 +319,13 @@ def check_adapter_shapes(model: Any, info: AdapterInfo) -> None:
     if problems:
         listed = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise UserError(
-            f"--lora_model {info.path} does not fit --base_model: {listed}. The adapter was trained on a different "
+            f"--lora_model {info.path} does not fit {model_flag}: {listed}. The adapter was trained on a different "
             f"architecture (adapter_config.json base_model_name_or_path: {info.recorded_base!r})."
         )
 
 
-def match_vocabulary(model: Any, info: AdapterInfo, tokenizer: Any) -> int | None:
+def match_vocabulary(model: Any, info: AdapterInfo, tokenizer: Any,
+                     model_flag: str = "--model_name_or_path") -> int | None:
     """Resize the base's embeddings to the adapter's vocabulary before the adapter is loaded.
 
     The adapter's saved embedding rows (modules_to_save, or PEFT's automatic save after a resize) are the size
@@ -337,7 +341,7 @@ def match_vocabulary(model: Any, info: AdapterInfo, tokenizer: Any) -> int | Non
     if adapter_rows is None:
         if vocab > base_rows:
             raise UserError(
-                f"the tokenizer has {vocab} tokens but --base_model has {base_rows} embedding rows and --lora_model "
+                f"the tokenizer has {vocab} tokens but {model_flag} has {base_rows} embedding rows and --lora_model "
                 f"{info.path} carries no embeddings for the extra tokens: they would get untrained weights. Pass the "
                 "tokenizer the adapter was trained with (--tokenizer_path), or retrain with --modules_to_save "
                 "embed_tokens,lm_head."
@@ -345,7 +349,7 @@ def match_vocabulary(model: Any, info: AdapterInfo, tokenizer: Any) -> int | Non
         return None
     if adapter_rows < base_rows:
         raise UserError(
-            f"--lora_model {info.path} was trained with a {adapter_rows}-row vocabulary but --base_model has "
+            f"--lora_model {info.path} was trained with a {adapter_rows}-row vocabulary but {model_flag} has "
             f"{base_rows} embedding rows: a different base model or vocabulary. Pass the base it was trained on."
         )
     if vocab > adapter_rows:
@@ -403,14 +407,16 @@ def load_base(base_model: str, model_type: str, dtype: torch.dtype, trust_remote
 
 
 def load_adapted_model(base_model: str, info: AdapterInfo, tokenizer: Any, model_type: str, dtype: torch.dtype,
-                       trust_remote_code: bool = False, quantization: str | None = None) -> tuple[Any, int | None]:
-    """Base (resized to the adapter's vocabulary) + adapter as a PeftModel in eval mode, and the resized size."""
+                       trust_remote_code: bool = False, quantization: str | None = None,
+                       model_flag: str = "--model_name_or_path") -> tuple[Any, int | None]:
+    """Base (resized to the adapter's vocabulary) + adapter as a PeftModel in eval mode, and the resized size
+    (``model_flag``: the model flag as the user spelled it, for error messages)."""
     from peft import PeftModel
 
     model = load_base(base_model, model_type, dtype, trust_remote_code,
                       num_labels=info.full_weight_rows(SCORE_HEAD) or 1, quantization=quantization)
-    resized = match_vocabulary(model, info, tokenizer)
-    check_adapter_shapes(model, info)
+    resized = match_vocabulary(model, info, tokenizer, model_flag)
+    check_adapter_shapes(model, info, model_flag)
     if getattr(model.config, "pad_token_id", None) is None or model_type == "sequence_classification":
         # A reward model reads its score at the last token != pad_token_id: training set it to the tokenizer's pad.
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -553,14 +559,14 @@ def merge_adapter(source: ModelSourceArguments, args: MergeArguments,
     """Merge ``source.lora_model`` into ``source.model_name_or_path`` and write ``args.output_dir`` (see the module
     doc); ``model_flag``: the spelling of the model flag the user typed, which error messages name."""
     # Everything that can be checked without loading weights is checked first, before anything is written.
-    info = read_adapter(source.lora_model)
+    info = read_adapter(source.lora_model, model_flag)
     check_base_path(source.model_name_or_path, model_flag)
     check_output_dir(args.output_dir, args.overwrite_output_dir,
                      [source.model_name_or_path, source.lora_model, source.tokenizer_path])
     model_type = detect_model_type(info, args.model_type)
     quantization = detect_training_quantization(info.path, args.training_quantization)
     base_config = _read_config(source.model_name_or_path, source.trust_remote_code)
-    check_recorded_base(info, base_config, source.trust_remote_code)
+    check_recorded_base(info, base_config, source.trust_remote_code, model_flag)
     # --tokenizer_path, else the tokenizer saved with the adapter (training saves it), else the base's
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=source.tokenizer_dir(),
                                               trust_remote_code=source.trust_remote_code))
@@ -576,7 +582,7 @@ def merge_adapter(source: ModelSourceArguments, args: MergeArguments,
 
     # Base + adapter in float32, reference outputs, then the merge itself.
     model, report.resized_to = load_adapted_model(source.model_name_or_path, info, tokenizer, model_type, torch.float32,
-                                                  source.trust_remote_code)
+                                                  source.trust_remote_code, model_flag=model_flag)
     probes = probe_batch(model.get_input_embeddings().weight.shape[0], model.config.pad_token_id)
     reference = model_outputs(model, probes) if not args.no_verify else None
     model = model.merge_and_unload()
@@ -591,7 +597,7 @@ def merge_adapter(source: ModelSourceArguments, args: MergeArguments,
             )
     if quantization and not args.no_verify:
         report.quantized_max_abs_diff = _quantized_difference(source, info, tokenizer, model_type, quantization,
-                                                              probes, model_outputs(model, probes))
+                                                              probes, model_outputs(model, probes), model_flag)
 
     # Untie input/output embeddings that the adapter trained separately, else saving would drop one of them.
     head = model.get_output_embeddings()
@@ -642,11 +648,12 @@ def merge_adapter(source: ModelSourceArguments, args: MergeArguments,
 
 
 def _quantized_difference(source: ModelSourceArguments, info: AdapterInfo, tokenizer: Any, model_type: str,
-                          quantization: str, probes: torch.Tensor, merged: torch.Tensor) -> float | None:
+                          quantization: str, probes: torch.Tensor, merged: torch.Tensor,
+                          model_flag: str) -> float | None:
     """Max |logit difference| between the merged model and the quantized base + adapter training used."""
     try:
         quantized, _ = load_adapted_model(source.model_name_or_path, info, tokenizer, model_type, torch.float32,
-                                          source.trust_remote_code, quantization=quantization)
+                                          source.trust_remote_code, quantization=quantization, model_flag=model_flag)
     except (ImportError, UserError, RuntimeError) as err:
         logger.warning("could not load the %s-quantized base to compare with (%s)", quantization, err)
         return None

@@ -276,11 +276,15 @@ def test_adapter_from_another_architecture_is_refused(causal_adapter, tmp_path, 
     # the base recorded in adapter_config.json is on disk: configs are compared before loading anything
     assert_refused(capsys, args, "whose architecture or vocabulary differs from --base_model (hidden_size 64 vs 32; "
                                  "adapter's base vs yours)")
+    # messages name the model flag as typed: the training stages' spelling is an alias here
+    assert_refused(capsys, ["--model_name_or_path", *args[1:]], "whose architecture or vocabulary differs from "
+                   "--model_name_or_path (hidden_size 64 vs 32; adapter's base vs yours)")
     # recorded base unavailable: the adapter's tensors are checked against the base's modules
     moved = copy_adapter(causal_adapter, tmp_path / "moved", base_model_name_or_path="/nonexistent/base")
     args[3] = str(moved)
     assert_refused(capsys, args, "does not fit --base_model: model.layers.0.mlp.down_proj.lora_A.weight: adapter "
                                  "[4, 128], base expects ['r', 64]")
+    assert_refused(capsys, ["--model_name_or_path", *args[1:]], "does not fit --model_name_or_path: ")
     assert not out.exists() and leftovers(tmp_path) == []
 
 
