@@ -399,6 +399,10 @@ def test_flag_errors(tmp_path, tiny_model_dir, bench):
     with pytest.raises(ConfigError, match="is not empty"):
         eval_benchmarks.main(common + ["--output_dir", str(tmp_path / "full")])
     assert (tmp_path / "full" / "results.json").read_text() == "{}"
+    # a shared model flag that only the chat prompt uses (checked across the two dataclasses, before anything loads)
+    with pytest.raises(ConfigError, match="--template_name/--system_prompt shape the chat prompt: add --chat_template"):
+        eval_benchmarks.main(common + ["--output_dir", str(tmp_path / "t"), "--template_name", "chatml"])
+    assert not (tmp_path / "t").exists()
 
 
 @pytest.mark.slow
