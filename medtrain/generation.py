@@ -3,7 +3,8 @@ web_demo.py (through :mod:`medtrain.serving`).
 
 Prompts are tokenised piece by piece exactly as SFT tokenised them (:func:`prompt_ids`), answers end at the model's
 eos, the tokenizer's eos or the format's end-of-turn text (:func:`stop_token_ids`, :func:`decode_response`), and
-batches are left-padded (:func:`left_pad`).
+batches are left-padded (:func:`left_pad`). The model flags (:class:`GenerationModelArguments`) and the loader
+(:func:`load_for_inference`) also serve eval_benchmarks.py (adapter unmerged, right padding).
 """
 
 from __future__ import annotations
