@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"pt": "pretraining", "sft": "supervised_finetuning", "rm": "reward_modeling", "dpo": "dpo_training",
-          "ppo": "ppo_training", "orpo": "orpo_training", "kto": "kto_training"}
+          "ppo": "ppo_training", "orpo": "orpo_training", "kto": "kto_training", "grpo": "grpo_training"}
 PROBE_IDS = [[5, 17, 42, 99, 7, 3, 11, 12]]  # a fixed input whose logits compare in-memory and reloaded models
 
 
@@ -32,6 +32,9 @@ def _row_fingerprints(trainer) -> list[list[int]]:
     pad = trainer.processing_class.pad_token_id
     rows = []
     for batch in trainer.get_train_dataloader():
+        if isinstance(batch, list):  # GRPO: the prompts themselves (it tokenizes when it generates), tokenized here
+            rows += [trainer.processing_class(row["prompt"])["input_ids"] for row in batch]
+            continue
         key = next(k for k in ("input_ids", "prompt_ids", "prompt_input_ids", "input_ids_chosen") if k in batch)
         for row in batch[key].tolist():
             while row and row[-1] == pad:
@@ -184,6 +187,8 @@ def write_data(stage: str, directory: Path) -> Path:
     if stage == "sft":
         return write_jsonl(directory / "train.jsonl", [
             {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in QA]).parent
+    if stage == "grpo":
+        return write_jsonl(directory / "questions.jsonl", [{"question": q, "answer": a} for q, a in QA]).parent
     return write_jsonl(directory / "pairs.jsonl", [
         {"question": q, "response_chosen": a, "response_rejected": r} for (q, a), r in zip(QA, REJECTED)]).parent
 
