@@ -71,3 +71,19 @@ def test_qlora_trains_through_a_4bit_base_and_the_adapter_reloads(tiny_dir, tmp_
     in_memory = torch.tensor(_logits(trainer.model))
     reloaded = reloaded_logits(method, out, model_dir, load_in_4bit=True, qlora=True)
     assert torch.allclose(reloaded, in_memory, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["orpo", "simpo", "kto", "grpo"])
+def test_qlora_with_zero3_is_refused_before_loading(tiny_dir, tmp_path, method):  # noqa: F811
+    # ZeRO-3 would shard the packed 4-bit weights; ZeRO-2 (optimizer state only) works with QLoRA (docs/alignment.md)
+    from conftest import ROOT
+
+    from medtrain.errors import ConfigError
+
+    data = write_data("grpo" if method == "grpo" else "orpo", tmp_path / "data")
+    extra = {"simpo": ["--loss_type", "simpo"], "grpo": ["--num_generations", 2]}.get(method, [])
+    args = stage_args(method, tiny_dir, data, tmp_path / "out", *QLORA, *extra, "--per_device_train_batch_size", 2,
+                      "--deepspeed", ROOT / "deepspeed_zero_stage3_config.json")
+    with pytest.raises(ConfigError, match="quantized weights .* cannot be sharded by DeepSpeed ZeRO-3"):
+        importlib.import_module(SCRIPTS[method]).main(args)
+    assert not (tmp_path / "out").exists()
