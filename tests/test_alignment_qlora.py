@@ -71,6 +71,14 @@ def test_qlora_trains_through_a_4bit_base_and_the_adapter_reloads(tiny_dir, tmp_
     in_memory = torch.tensor(_logits(trainer.model))
     reloaded = reloaded_logits(method, out, model_dir, load_in_4bit=True, qlora=True)
     assert torch.allclose(reloaded, in_memory, atol=1e-5)
+    if method == "kto":  # a bf16 QLoRA adapter (TRL casts it) merges into the unquantized base like any other
+        import merge_peft_adapter
+        from transformers import AutoModelForCausalLM
+
+        merge_peft_adapter.main(["--base_model", str(model_dir), "--lora_model", str(out),
+                                 "--output_dir", str(tmp_path / "merged")])
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        assert merged.dtype == torch.float32 and not getattr(merged, "is_loaded_in_4bit", False)
 
 
 @pytest.mark.parametrize("method", ["orpo", "simpo", "kto", "grpo"])
