@@ -125,8 +125,13 @@ def check_run(tmp_path: Path, model: Path, stage: str, name: str, ranks: list[di
     assert torch.allclose(reloaded, torch.tensor(ranks[0]["logits"]), atol=1e-5)
 
 
+def logged_steps(out: Path) -> list[dict]:
+    """The training-step entries of ``out/trainer_state.json`` (written by rank 0)."""
+    return [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Default set: one ZeRO-2 and one ZeRO-3 job (SFT)
+# Default set: one ZeRO-2 and one ZeRO-3 job (SFT), GRPO's generation under ZeRO-2
 
 
 def test_sft_zero2_lora_shards_optimizer_state_matches_one_process_and_reloads(tiny_dir, tmp_path):  # noqa: F811
@@ -155,6 +160,29 @@ def test_sft_zero3_full_and_lora_shard_parameters_and_save_complete_weights(tiny
     check_run(tmp_path, tiny_dir, "sft", "lora", lora_ranks, 3, None)
     losses = lora_ranks[0]["losses"]
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_grpo_zero2_ranks_generate_for_their_own_prompts_and_reload(tmp_path):
+    # generation under DeepSpeed is GRPO's risky part (15-20 s on the 2 shared cores at load
+    # 4, so in the default set)
+    from test_grpo import stops_early_model
+
+    # a model whose replies sometimes end after 1-2 tokens, so the length reward varies within a group
+    model = stops_early_model(tmp_path / "model")
+    runs = run_zero(tmp_path, model, "grpo", {"zero2": ZERO2}, "--reward_funcs", "length", "--length_target_tokens", 2,
+                    "--num_generations", 4, "--max_completion_length", 8, "--learning_rate", 3e-3, "--seed", 1,
+                    reference=False, batch=4)
+    ranks = runs["zero2"]
+    check_run(tmp_path, model, "grpo", "zero2", ranks, 2, None)
+    assert torch.allclose(torch.tensor(ranks[0]["logits"]), torch.tensor(ranks[1]["logits"]), atol=1e-6)
+    # each rank generated for its own questions: 4 completions of one question per rank and step, no question on
+    # both ranks, the 8 questions once each per epoch
+    shares = [sorted(set(map(tuple, p["rows"]))) for p in ranks]
+    assert [len(p["rows"]) for p in ranks] == [16, 16] and [len(share) for share in shares] == [4, 4]
+    assert not set(shares[0]) & set(shares[1])
+    steps = logged_steps(tmp_path / "out-zero2")
+    assert len(steps) == 4 and all(math.isfinite(e["loss"]) for e in steps)
+    assert steps[-1]["rewards/length/mean"] > steps[0]["rewards/length/mean"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,11 +262,6 @@ def test_ppo_zero2_shards_and_saves_a_reloadable_adapter(tmp_path):
     assert torch.allclose(reloaded, torch.tensor(ranks[0]["logits"]), atol=1e-5)
 
 
-def logged_steps(out: Path) -> list[dict]:
-    """The training-step entries of ``out/trainer_state.json`` (written by rank 0)."""
-    return [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
-
-
 @pytest.mark.slow
 def test_kto_zero2_lora_and_full_training_shard_and_reload(tiny_dir, tmp_path):  # noqa: F811
     # KTO's KL estimate scores each prompt with the next example's completion of the same per-device batch (TRL's
@@ -263,25 +286,3 @@ def test_kto_zero2_lora_and_full_training_shard_and_reload(tiny_dir, tmp_path): 
         steps = logged_steps(tmp_path / f"out-{name}")
         assert len(steps) == 4 and all(math.isfinite(e["loss"]) and math.isfinite(e["kl"]) for e in steps)
         assert steps[0]["kl"] == 0 and any(e["kl"] > 0 for e in steps[1:])  # policy == reference at step 1 only
-
-
-@pytest.mark.slow
-def test_grpo_zero2_ranks_generate_for_their_own_prompts_and_reload(tmp_path):
-    from test_grpo import stops_early_model
-
-    # a model whose replies sometimes end after 1-2 tokens, so the length reward varies within a group
-    model = stops_early_model(tmp_path / "model")
-    runs = run_zero(tmp_path, model, "grpo", {"zero2": ZERO2}, "--reward_funcs", "length", "--length_target_tokens", 2,
-                    "--num_generations", 4, "--max_completion_length", 8, "--learning_rate", 3e-3, "--seed", 1,
-                    reference=False, batch=4)
-    ranks = runs["zero2"]
-    check_run(tmp_path, model, "grpo", "zero2", ranks, 2, None)
-    assert torch.allclose(torch.tensor(ranks[0]["logits"]), torch.tensor(ranks[1]["logits"]), atol=1e-6)
-    # each rank generated for its own questions: 4 completions of one question per rank and step, no question on
-    # both ranks, the 8 questions once each per epoch
-    shares = [sorted(set(map(tuple, p["rows"]))) for p in ranks]
-    assert [len(p["rows"]) for p in ranks] == [16, 16] and [len(share) for share in shares] == [4, 4]
-    assert not set(shares[0]) & set(shares[1])
-    steps = logged_steps(tmp_path / "out-zero2")
-    assert len(steps) == 4 and all(math.isfinite(e["loss"]) for e in steps)
-    assert steps[-1]["rewards/length/mean"] > steps[0]["rewards/length/mean"]
