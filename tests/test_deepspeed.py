@@ -163,8 +163,7 @@ def test_sft_zero3_full_and_lora_shard_parameters_and_save_complete_weights(tiny
 
 
 def test_grpo_zero2_ranks_generate_for_their_own_prompts_and_reload(tmp_path):
-    # generation under DeepSpeed is GRPO's risky part (15-20 s on the 2 shared cores at load
-    # 4, so in the default set)
+    # Generation under DeepSpeed is GRPO's risky part: in the default set (15-20 s on 2 shared cores at load 4).
     from test_grpo import stops_early_model
 
     # a model whose replies sometimes end after 1-2 tokens, so the length reward varies within a group
