@@ -105,7 +105,7 @@ CASES = [
     ("missing-model-dir", "sft", None, None, ["--model_name_or_path", "./no/such/model"], "no such directory"),
     ("grpo-no-answer", "grpo", "q.jsonl", line({"question": "Fever?"}), [], "q.jsonl:2: answer: missing the reference answer"),
     ("grpo-answer-not-an-option", "grpo", "q.jsonl", line({"question": "q", "options": ["a", "b"], "answer": "E"}), [],
-     "q.jsonl:2: answer: expected the letter of an option (A, B), got 'E'"),
+     "q.jsonl:2: answer: 'E' is not one of the options A, B"),
     ("grpo-wrong-layout", "grpo", "q.jsonl", line({"instruction": "q", "output": "a"}), [], "q.jsonl:2: question: no 'question' field"),
     ("grpo-reward-model-without-path", "grpo", None, None, ["--reward_funcs", "reward_model"],
      "--reward_funcs reward_model needs --reward_model_name_or_path"),
