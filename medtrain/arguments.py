@@ -42,7 +42,7 @@ class ModelArguments:
         default="auto",
         metadata={
             "help": "Dtype to load the weights in. 'auto' on CPU: bfloat16 weights + --bf16 autocast where the CPU "
-            "multiplies bf16 fast (AMX-BF16, or AVX512-BF16 measured faster; the log says which), float32 elsewhere or "
+            "multiplies bf16 fast (AMX-BF16 or AVX512-BF16; the log says which), float32 elsewhere or "
             "when --bf16/--fp16 is given; on GPU bfloat16 where supported, else float16. --torch_dtype float32 --bf16 "
             "False is the plain fp32 run (docs/efficiency.md).",
             "choices": TORCH_DTYPES,
