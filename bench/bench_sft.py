@@ -2,6 +2,15 @@
 
     python bench/bench_sft.py --tool both --runs 2                 # the anchor job (256 samples, ~15 min a run on 2 cores)
     python bench/bench_sft.py --tool ours --samples 16 --runs 1    # a quick check of the harness
+    python bench/bench_sft.py --variants ours:default,lf:fp32,lf:bf16,ours:fp32,ours:low_memory --samples 128 --runs 1
+
+Variants (``tool:precision``; ``--tool`` alone means ``ours:fp32`` and/or ``lf:fp32``, the anchor job):
+- ``ours:fp32``: ``--torch_dtype float32 --bf16 False`` (the plain fp32 run);
+- ``ours:default``: no precision flag, i.e. what a user gets (bf16 on CPUs with AMX-BF16/AVX512-BF16, else fp32;
+  the run's ``hardware:`` log line, recorded per run, says which);
+- ``ours:bf16``: ``--torch_dtype bfloat16 --bf16 True`` forced; ``ours:low_memory``: ``--low_memory True``;
+- ``lf:fp32``: LLaMA-Factory's default (``bf16: false``); ``lf:bf16``: ``bf16: true`` plus ``use_cpu: true`` (without
+  it LLaMA-Factory 0.9.5 refuses bf16 on a CPU); ``lf:low_memory``: ``bf16``/``use_cpu`` + its gradient checkpointing.
 
 The job (STACK-NOTES "measured anchor job"): SmolLM2-135M-Instruct in fp32, the first ``--samples`` conversations of
 medical_sft_1K_format.jsonl, 512 tokens, batch 4, LoRA r8/alpha16/dropout 0.05 on all linear layers, 1 epoch,
@@ -35,6 +44,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import environment, load_average  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -128,18 +141,43 @@ def write_subset(data: Path, samples: int, directory: Path) -> tuple[Path, Path]
     return directory / "ours", directory / "lf"
 
 
-def ours_command(model: Path, data_dir: Path, out: Path) -> list[str]:
+OURS_PRECISION = {"fp32": ["--torch_dtype", "float32", "--bf16", "False"], "default": [],
+                  "bf16": ["--torch_dtype", "bfloat16", "--bf16", "True"], "low_memory": ["--low_memory", "True"]}
+LF_PRECISION = {"fp32": {}, "bf16": {"bf16": True, "use_cpu": True},
+                "low_memory": {"bf16": True, "use_cpu": True, "disable_gradient_checkpointing": False}}
+TOOLS = {"ours": "ours", "lf": "llamafactory", "llamafactory": "llamafactory"}
+
+
+def parse_variants(text: str) -> list[tuple[str, str]]:
+    """``ours:default,lf:bf16`` -> [("ours", "default"), ("llamafactory", "bf16")], checked against the tables above."""
+    variants = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        tool, _, precision = item.partition(":")
+        tool = TOOLS.get(tool)
+        table = OURS_PRECISION if tool == "ours" else LF_PRECISION
+        if tool is None or precision not in table:
+            raise SystemExit(f"error: --variants: {item!r} is not one of "
+                             f"{', '.join(['ours:' + k for k in OURS_PRECISION] + ['lf:' + k for k in LF_PRECISION])}")
+        variants.append((tool, precision))
+    return variants
+
+
+def label(tool: str, precision: str) -> str:
+    return f"{'ours' if tool == 'ours' else 'lf'}:{precision}"
+
+
+def ours_command(model: Path, data_dir: Path, out: Path, precision: str = "fp32") -> list[str]:
     return [sys.executable, str(ROOT / "supervised_finetuning.py"),
             "--model_name_or_path", str(model), "--train_file_dir", str(data_dir), "--output_dir", str(out),
             "--model_max_length", str(JOB["max_length"]), "--per_device_train_batch_size", str(JOB["batch_size"]),
             "--num_train_epochs", str(JOB["epochs"]), "--learning_rate", str(JOB["learning_rate"]),
             "--lora_rank", str(JOB["lora_rank"]), "--lora_alpha", str(JOB["lora_alpha"]),
-            "--lora_dropout", str(JOB["lora_dropout"]), "--target_modules", "all", "--torch_dtype", "float32",
+            "--lora_dropout", str(JOB["lora_dropout"]), "--target_modules", "all", *OURS_PRECISION[precision],
             "--do_eval", "False", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "10",
             "--seed", str(JOB["seed"]), "--disable_tqdm", "True"]
 
 
-def lf_config(model: Path, data_dir: Path, out: Path) -> dict:
+def lf_config(model: Path, data_dir: Path, out: Path, precision: str = "fp32") -> dict:
     return {
         "model_name_or_path": str(model), "stage": "sft", "do_train": True, "finetuning_type": "lora",
         "lora_rank": JOB["lora_rank"], "lora_alpha": JOB["lora_alpha"], "lora_dropout": JOB["lora_dropout"],
@@ -149,7 +187,7 @@ def lf_config(model: Path, data_dir: Path, out: Path) -> dict:
         "plot_loss": False, "report_to": "none", "per_device_train_batch_size": JOB["batch_size"],
         "gradient_accumulation_steps": 1, "learning_rate": JOB["learning_rate"], "num_train_epochs": JOB["epochs"],
         "bf16": False, "fp16": False, "disable_gradient_checkpointing": True, "seed": JOB["seed"],
-        "disable_tqdm": True,
+        "disable_tqdm": True, **LF_PRECISION[precision],
     }
 
 
@@ -194,30 +232,40 @@ def count_lf_tokens(tokenized: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_tool(tool: str, run_dir: Path, model: Path, data_dirs: tuple[Path, Path]) -> dict:
+def hardware_line(log: Path) -> str:
+    """Our run's ``hardware:`` log line (the precision it chose and why)."""
+    for line in log.read_text(errors="replace").splitlines():
+        if "hardware: " in line:
+            return line.split("hardware: ", 1)[1].strip()
+    return ""
+
+
+def run_tool(tool: str, run_dir: Path, model: Path, data_dirs: tuple[Path, Path], precision: str = "fp32") -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     env = dict(os.environ, **ENV, PYTHONPATH=str(ROOT))
     load_before = os.getloadavg()[0]
     if tool == "ours":
-        measured = run_measured(ours_command(model, data_dirs[0], run_dir / "model"), run_dir / "log.txt", ROOT, env)
+        measured = run_measured(ours_command(model, data_dirs[0], run_dir / "model", precision), run_dir / "log.txt",
+                                ROOT, env)
         results_file = run_dir / "model" / "train_results.json"
     else:
         import yaml
 
         config = run_dir / "config.yaml"  # LLaMA-Factory 0.9.5 fails to read a .json config (json.load on a Path)
-        config.write_text(yaml.safe_dump(lf_config(model, data_dirs[1], run_dir), sort_keys=False))
+        config.write_text(yaml.safe_dump(lf_config(model, data_dirs[1], run_dir, precision), sort_keys=False))
         cli = ensure_llamafactory()
         env.pop("PYTHONPATH")
         measured = run_measured([str(cli), "train", str(config)], run_dir / "log.txt", run_dir, env)
         results_file = run_dir / "model" / "train_results.json"
-    result = {"tool": tool, **measured, "load_before": round(load_before, 1), "load_after": round(os.getloadavg()[0], 1)}
+    result = {"tool": tool, "variant": label(tool, precision), **measured, "load_before": round(load_before, 1), "load_after": round(os.getloadavg()[0], 1)}
     if measured["rc"] != 0 or not results_file.is_file():
         tail = (run_dir / "log.txt").read_text(errors="replace")[-3000:]
         raise SystemExit(f"error: {tool} run failed (rc {measured['rc']}); log {run_dir / 'log.txt'}:\n{tail}")
     metrics = json.loads(results_file.read_text())
     if tool == "ours":
+        result["hardware"] = hardware_line(run_dir / "log.txt")
         counts = {"samples": metrics["train_samples"], "tokens": metrics["train_tokens"],
                   "supervised_tokens": metrics["train_supervised_tokens"]}
     else:
@@ -233,45 +281,49 @@ def run_tool(tool: str, run_dir: Path, model: Path, data_dirs: tuple[Path, Path]
 
 
 def summarize(results: list[dict]) -> dict:
+    """Medians per variant, and each variant's ratios to LLaMA-Factory's default fp32 run (``lf:fp32``)."""
     summary = {}
-    for tool in ("ours", "llamafactory"):
-        runs = [r for r in results if r["tool"] == tool]
-        if runs:
-            summary[tool] = {key: round(statistics.median(r[key] for r in runs), 3) for key in
-                             ("supervised_tokens_per_s", "tokens_per_s", "peak_rss_gb", "train_runtime_s")}
-    if "ours" in summary and "llamafactory" in summary:
-        ours, lf = summary["ours"], summary["llamafactory"]
-        summary["ratios"] = {
-            "supervised_tokens_per_s": round(ours["supervised_tokens_per_s"] / lf["supervised_tokens_per_s"], 3),
-            "tokens_per_s": round(ours["tokens_per_s"] / lf["tokens_per_s"], 3),
-            "peak_rss": round(ours["peak_rss_gb"] / lf["peak_rss_gb"], 3),
-        }
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        runs = [r for r in results if r["variant"] == variant]
+        summary[variant] = {key: round(statistics.median(r[key] for r in runs), 3) for key in
+                            ("supervised_tokens_per_s", "tokens_per_s", "peak_rss_gb", "train_runtime_s", "train_loss")}
+    base = summary.get("lf:fp32")
+    if base:
+        for variant, medians in summary.items():
+            medians["vs_lf_fp32"] = {
+                "supervised_tokens_per_s": round(medians["supervised_tokens_per_s"] / base["supervised_tokens_per_s"], 3),
+                "tokens_per_s": round(medians["tokens_per_s"] / base["tokens_per_s"], 3),
+                "peak_rss": round(medians["peak_rss_gb"] / base["peak_rss_gb"], 3)}
     return summary
 
 
 def markdown(report: dict) -> str:
-    head = ("| tool | run | train_runtime (s) | samples | supervised tokens | total tokens | supervised tok/s "
+    head = ("| variant | run | train_runtime (s) | samples | supervised tokens | total tokens | supervised tok/s "
             "| total tok/s | peak RSS (GB) | wall (s) | load avg before/after | train loss |")
     lines = [f"SFT-LoRA bench, {report['started']}: {report['job']}", "", head, "|" + "---|" * 12]
     for i, r in enumerate(report["results"]):
-        lines.append(f"| {r['tool']} | {i + 1} | {r['train_runtime_s']} | {r['samples']} | {r['supervised_tokens']} "
+        lines.append(f"| {r['variant']} | {i + 1} | {r['train_runtime_s']} | {r['samples']} | {r['supervised_tokens']} "
                      f"| {r['tokens']} | {r['supervised_tokens_per_s']} | {r['tokens_per_s']} | {r['peak_rss_gb']} "
                      f"| {r['wall_s']} | {r['load_before']}/{r['load_after']} | {r['train_loss']} |")
-    ratios = report["summary"].get("ratios")
-    if ratios:
-        lines += ["", "| medians | supervised tok/s | total tok/s | peak RSS (GB) |", "|---|---|---|---|"]
-        for tool in ("ours", "llamafactory"):
-            s = report["summary"][tool]
-            lines.append(f"| {tool} | {s['supervised_tokens_per_s']} | {s['tokens_per_s']} | {s['peak_rss_gb']} |")
-        lines.append(f"| ours / LLaMA-Factory | {ratios['supervised_tokens_per_s']}x | {ratios['tokens_per_s']}x "
-                     f"| {ratios['peak_rss']}x |")
-    lines += ["", f"machine: {report['machine']}"]
+    lines += ["", "| medians | supervised tok/s | total tok/s | peak RSS (GB) | train loss | sup. tok/s vs lf:fp32 "
+              "| RSS vs lf:fp32 |", "|---|---|---|---|---|---|---|"]
+    for variant, s in report["summary"].items():
+        ratios = s.get("vs_lf_fp32", {})
+        lines.append(f"| {variant} | {s['supervised_tokens_per_s']} | {s['tokens_per_s']} | {s['peak_rss_gb']} "
+                     f"| {s['train_loss']} | {ratios.get('supervised_tokens_per_s', '')}x "
+                     f"| {ratios.get('peak_rss', '')}x |")
+    precisions = sorted({r["hardware"] for r in report["results"] if r.get("hardware")})
+    lines += [""] + [f"ours, hardware log line: {line}" for line in precisions]
+    lines += ["", f"machine: {json.dumps(report['machine'])}"]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tool", choices=["ours", "llamafactory", "both"], default="both")
+    parser.add_argument("--tool", choices=["ours", "llamafactory", "both"], default="both",
+                        help="the anchor job in fp32: ours:fp32 and/or lf:fp32 (ignored when --variants is given)")
+    parser.add_argument("--variants", default="", help="comma-separated tool:precision list, e.g. "
+                        "ours:default,lf:fp32,lf:bf16 (see the module docstring)")
     parser.add_argument("--runs", type=int, default=2, help="runs per tool (alternating)")
     parser.add_argument("--samples", type=int, default=256, help="first N conversations of --data")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -283,22 +335,23 @@ def main() -> None:
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"error: no model in {args.model}: run `python prepare_model.py` (or pass --model)")
     tools = ["ours", "llamafactory"] if args.tool == "both" else [args.tool]
-    if "llamafactory" in tools:
+    variants = parse_variants(args.variants) if args.variants else [(tool, "fp32") for tool in tools]
+    if any(tool == "llamafactory" for tool, _ in variants):
         ensure_llamafactory()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = args.results / f"work-{stamp}"
     data_dirs = tuple(d.resolve() for d in write_subset(args.data, args.samples, work / "data"))
     report = {"started": stamp, "job": dict(JOB, samples=args.samples, model=str(args.model), data=str(args.data)),
-              "machine": f"{os.cpu_count()} CPUs, torch threads default; load averages per run in the table "
-                         "(other processes share these cores)", "results": []}
+              "machine": environment(), "results": []}
     for run in range(args.runs):
-        order = tools if run % 2 == 0 else tools[::-1]
-        for tool in order:
-            print(f"run {run + 1}/{args.runs}: {tool} ...", flush=True)
-            result = run_tool(tool, work / f"{tool}-{run + 1}", args.model.resolve(), data_dirs)
+        order = variants if run % 2 == 0 else variants[::-1]
+        for tool, precision in order:
+            print(f"run {run + 1}/{args.runs}: {label(tool, precision)} ...", flush=True)
+            result = run_tool(tool, work / f"{tool}-{precision}-{run + 1}", args.model.resolve(), data_dirs, precision)
             print(json.dumps(result), flush=True)
             report["results"].append(result)
     report["summary"] = summarize(report["results"])
+    report["machine"]["uptime_end"] = load_average()
     args.results.mkdir(parents=True, exist_ok=True)
     for name in (f"sft-{stamp}", "sft-latest"):
         (args.results / f"{name}.json").write_text(json.dumps(report, indent=2))
