@@ -259,7 +259,8 @@ def run_tool(tool: str, run_dir: Path, model: Path, data_dirs: tuple[Path, Path]
         env.pop("PYTHONPATH")
         measured = run_measured([str(cli), "train", str(config)], run_dir / "log.txt", run_dir, env)
         results_file = run_dir / "model" / "train_results.json"
-    result = {"tool": tool, "variant": label(tool, precision), **measured, "load_before": round(load_before, 1), "load_after": round(os.getloadavg()[0], 1)}
+    result = {"tool": tool, "variant": label(tool, precision), **measured, "load_before": round(load_before, 1),
+              "load_after": round(os.getloadavg()[0], 1)}
     if measured["rc"] != 0 or not results_file.is_file():
         tail = (run_dir / "log.txt").read_text(errors="replace")[-3000:]
         raise SystemExit(f"error: {tool} run failed (rc {measured['rc']}); log {run_dir / 'log.txt'}:\n{tail}")
@@ -291,7 +292,8 @@ def summarize(results: list[dict]) -> dict:
     if base:
         for variant, medians in summary.items():
             medians["vs_lf_fp32"] = {
-                "supervised_tokens_per_s": round(medians["supervised_tokens_per_s"] / base["supervised_tokens_per_s"], 3),
+                "supervised_tokens_per_s": round(medians["supervised_tokens_per_s"] / base["supervised_tokens_per_s"],
+                                                 3),
                 "tokens_per_s": round(medians["tokens_per_s"] / base["tokens_per_s"], 3),
                 "peak_rss": round(medians["peak_rss_gb"] / base["peak_rss_gb"], 3)}
     return summary
