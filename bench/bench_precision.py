@@ -3,6 +3,7 @@
     python bench/bench_precision.py                          # matmul probe + step modes, 3 rounds
     python bench/bench_precision.py --what matmul            # the 2048^2 matmul probe only (seconds)
     python bench/bench_precision.py --modes fp32,bf16_autocast --rounds 2
+    python bench/bench_precision.py --what step --modes fp32,bf16_autocast --rounds 1 --profile   # + op table per mode
 
 The step is what ``supervised_finetuning.py`` runs per batch (SmolLM2-135M-Instruct, LoRA r8/alpha16/dropout 0.05 on
 all linear layers through the fused branch, 4 packed rows of 512 tokens from medical_sft_1K_format.jsonl, attention per
@@ -134,6 +135,23 @@ def step(model, optimizer, batch: dict, mode: str) -> float:
     return float(loss.detach())
 
 
+def profile_step(model, optimizer, batch: dict, mode: str, top: int = 18) -> list[dict]:
+    """One step under torch.profiler: the ``top`` ops by self CPU time (name, input dtypes seen, ms, share)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        step(model, optimizer, batch, mode)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = [{"op": e.key, "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1000, 1),
+             "share": round(e.self_cpu_time_total / total, 3)}
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]]
+    print(f"profile {mode}: {total / 1e6:.2f} s self CPU in all ops")
+    for row in rows:
+        print(f"  {row['op']:42} {row['calls']:6d} calls {row['self_ms']:9.1f} ms {100 * row['share']:5.1f}%")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--what", choices=["all", "matmul", "step"], default="all")
@@ -143,6 +161,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed rounds, profile one more step per mode (torch.profiler, top ops by self CPU)")
     args = parser.parse_args()
     record: dict = {"environment": environment(), "job": vars(args) | {"model": str(args.model), "data": str(args.data)}}
     if args.what in ("all", "matmul"):
@@ -167,6 +187,8 @@ def main() -> None:
                 step(*built[mode], batch, mode)
                 times[mode].append(time.perf_counter() - start)
                 print(f"{mode}: {times[mode][-1]:.2f} s", flush=True)
+        if args.profile:
+            record["profile"] = {mode: profile_step(*built[mode], batch, mode) for mode in modes}
         reference = first_loss.get("fp32")
         record["step"] = {
             "tokens": int(batch["input_ids"].numel()), "supervised_tokens": supervised,
