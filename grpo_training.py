@@ -48,10 +48,11 @@ def main(args: list[str] | None = None):
         [ModelArguments, LoraArguments, DataArguments, GRPORewardArguments, RunArguments, GRPOConfig],
         args=args, stage_defaults={"output_dir": "outputs-grpo", "logging_steps": 1},
     )
-    finalize(model_args, lora_args, data_args, training_args,
-             checks=(lambda: check_grpo_arguments(reward_args, data_args, training_args),))
+    hardware = finalize(model_args, lora_args, data_args, training_args,
+                        checks=(lambda: check_grpo_arguments(reward_args, data_args, training_args),))
     # seeds before the LoRA adapter is built, so a run and its resume start from the same adapter
     resume = start_run(training_args, run_args.overwrite_output_dir)
+    logging.getLogger("medtrain").info("hardware: %s", hardware.describe())
 
     # Tokenizer (left padding for generation) and the chat format the policy was trained with
     tokenizer = load_tokenizer(model_args, padding_side="left")

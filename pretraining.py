@@ -91,7 +91,6 @@ def main(args: list[str] | None = None) -> Trainer:
         [ModelArguments, LoraArguments, PretrainDataArguments, RunArguments, TrainingArguments], args,
         stage_defaults={"output_dir": "outputs-pt", "do_train": True, "do_eval": True, "label_names": ["labels"]},
     )
-    # fp32 stays the CPU default here (only SFT's bf16 path is checked); --low_memory / --cpu_paths apply
     hardware = finalize(model_args, lora_args, data_args, training_args,
                         checks=(lambda: check_pretrain_arguments(data_args, training_args),))
     resume = start_run(training_args, run_args.overwrite_output_dir)

@@ -50,7 +50,6 @@ def main(args: list[str] | None = None) -> RewardModelTrainer:
         [ModelArguments, LoraArguments, DataArguments, RewardArguments, RunArguments, RewardConfig], args,
         stage_defaults={"output_dir": "outputs-rm", "do_train": True, "do_eval": True},
     )
-    # fp32 stays the CPU default here (only SFT's bf16 path is checked); --low_memory / --cpu_paths apply
     hardware = finalize(model_args, lora_args, data_args, training_args,
                         checks=(lambda: check_reward_arguments(model_args, reward_args, training_args),))
     # seeds before the LoRA adapter is built, so a run and its resume start from the same adapter

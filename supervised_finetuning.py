@@ -36,7 +36,7 @@ def main(args: list[str] | None = None) -> SFTTrainer:
         stage_defaults={"output_dir": "outputs-sft", "do_train": True, "do_eval": True, "packing": True,
                         "train_sampling_strategy": "group_by_length"},
     )
-    hardware = finalize(model_args, lora_args, data_args, training_args, auto_precision=True)
+    hardware = finalize(model_args, lora_args, data_args, training_args)
     resume = start_run(training_args, run_args.overwrite_output_dir)
     logger.info("hardware: %s", hardware.describe())
 

@@ -41,10 +41,11 @@ class ModelArguments:
     torch_dtype: str = field(
         default="auto",
         metadata={
-            "help": "Dtype to load the weights in. 'auto' on CPU: bfloat16 weights + --bf16 autocast where the CPU "
-            "multiplies bf16 fast (AMX-BF16 or AVX512-BF16; the log says which), float32 elsewhere or "
-            "when --bf16/--fp16 is given; on GPU bfloat16 where supported, else float16. --torch_dtype float32 --bf16 "
-            "False is the plain fp32 run (docs/efficiency.md).",
+            "help": "Dtype to load the weights in. 'auto' on CPU, every stage: where the CPU multiplies bf16 fast "
+            "(AMX-BF16 or AVX512-BF16; the log says which) --bf16 autocast over bfloat16 frozen weights (LoRA; the "
+            "adapter stays fp32) or over float32 weights (--use_peft False: trained weights stay fp32); float32 "
+            "elsewhere or when --bf16/--fp16 is given; on GPU bfloat16 where supported, else float16. --torch_dtype "
+            "float32 --bf16 False is the plain fp32 run (docs/efficiency.md).",
             "choices": TORCH_DTYPES,
         },
     )
@@ -468,7 +469,7 @@ def check_arguments(model_args: ModelArguments, lora_args: LoraArguments, traini
 
 
 def finalize(model_args: ModelArguments, lora_args: LoraArguments, data_args: Any, training_args: Any,
-             checks: tuple[Callable[[], None], ...] = (), auto_precision: bool = False) -> HardwarePlan:
+             checks: tuple[Callable[[], None], ...] = ()) -> HardwarePlan:
     """Derive the trainer's fields from ours once, then check everything; every problem in one ConfigError.
 
     Runs once per stage, right after :func:`parse_args`; afterwards nothing reassigns a field of these objects
@@ -481,9 +482,9 @@ def finalize(model_args: ModelArguments, lora_args: LoraArguments, data_args: An
     - NEFTune (``--neftune_noise_alpha``, TRL's spelling) and packing/padding-free are checked here and applied by
       the batch plan once the model is loaded (whether packing is exact depends on the model's attention).
     - precision and launch: :func:`check_arguments` (CPU defaults are set by :func:`parse_args`).
-    - hardware (:func:`medtrain.hardware.finalize_hardware`, returned for the log): the precision default (with
-      ``auto_precision``: bf16 on CPUs with fast bf16 matmul, else fp32; stages whose bf16 path is unchecked keep
-      fp32), ``--low_memory``, and ``--cpu_paths`` (our CPU paths off on CUDA runs unless asked).
+    - hardware (:func:`medtrain.hardware.finalize_hardware`, returned for the stage to log): the precision default,
+      one rule for every stage (bf16 autocast on CPUs with fast bf16 matmul, bf16 frozen base weights under LoRA,
+      else fp32), ``--low_memory``, and ``--cpu_paths`` (our CPU paths off on CUDA runs unless asked).
 
     ``checks`` are the stage's own cross-checks (each raises ConfigError); their problems join the list.
     """
@@ -512,8 +513,7 @@ def finalize(model_args: ModelArguments, lora_args: LoraArguments, data_args: An
         training_args.max_length = model_max_length
     if hasattr(training_args, "dataset_num_proc") and getattr(data_args, "preprocessing_num_workers", None):
         training_args.dataset_num_proc = data_args.preprocessing_num_workers
-    return finalize_hardware(model_args, lora_args, training_args, cuda=cuda_run(training_args),
-                             auto_precision=auto_precision)
+    return finalize_hardware(model_args, lora_args, training_args, cuda=cuda_run(training_args))
 
 
 def peek_arg(name: str, default: Any, args: list[str] | None = None) -> Any:

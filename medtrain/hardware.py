@@ -1,14 +1,22 @@
 """What the run's hardware decides: the default precision, and which training paths a device gets.
 
-Precision (:func:`choose_precision`). On a CPU with bf16 matmul instructions (AMX-BF16 or AVX512-BF16) a run that names
-no precision trains in bf16: the frozen base weights are loaded in bf16 and the step runs under bf16 autocast (the
-LoRA adapter, its gradients and the optimizer state stay fp32; the loss's softmax/log-sum-exp is fp32). Measured
-whole SFT steps (SmolLM2-135M, LoRA, 4 packed rows of 512 tokens, bench/bench_precision.py): ~2x fp32 with autocast on
-a 2-core AMX Xeon; 1.49x on an idle 2-core AMD EPYC with AVX512-BF16 and no AMX (7.33 s vs 10.94 s median of 3,
-2026-12-07, first-step loss +0.08%). Without either instruction set torch emulates bf16, so it trains in fp32, as
-before. ``MEDTRAIN_CPU_BF16=1``/``0`` replaces the detection. Any precision flag (``--torch_dtype``, ``--bf16``,
-``--fp16``) turns the automatic choice off and is used as given: ``--torch_dtype float32 --bf16 False`` is the plain
-fp32 run. GPU runs keep the usual transformers/TRL behaviour (``--torch_dtype auto`` = bf16 where the GPU supports it).
+Precision (:func:`choose_precision`), one rule for every training stage. On a CPU with bf16 matmul instructions
+(AMX-BF16 or AVX512-BF16) a run that names no precision trains in bf16:
+
+- LoRA/QLoRA (the default): the frozen base weights load in bf16 and the step runs under bf16 autocast. What trains
+  (the adapter, ``modules_to_save`` such as a reward score head or resized embeddings) stays fp32, and so do its
+  gradients and the optimizer state (:func:`medtrain.modeling.apply_lora`); the losses' softmax/log-sum-exp is fp32.
+- Full fine-tuning (``--use_peft False``): the weights are what trains, so they load in fp32 and only the step runs
+  under bf16 autocast (AdamW updates smaller than bf16's 2**-8 relative spacing would vanish on bf16 weights, and
+  the optimizer state would be bf16 too).
+
+Measured whole SFT steps (SmolLM2-135M, LoRA, 4 packed rows of 512 tokens, bench/bench_precision.py): ~2x fp32 with
+autocast on a 2-core AMX Xeon; 1.49x on an idle 2-core AMD EPYC with AVX512-BF16 and no AMX (7.33 s vs 10.94 s median
+of 3, 2026-12-07, first-step loss +0.08%). Without either instruction set torch emulates bf16, so it trains in fp32,
+as before. ``MEDTRAIN_CPU_BF16=1``/``0`` replaces the detection. Any precision flag (``--torch_dtype``, ``--bf16``,
+``--fp16``) or a DeepSpeed config turns the automatic choice off and is used as given: ``--torch_dtype float32 --bf16
+False`` is the plain fp32 run. GPU runs keep the usual transformers/TRL behaviour (``--torch_dtype auto`` = bf16
+where the GPU supports it).
 
 Paths (:func:`cpu_paths_enabled`). The fused LoRA branch, the fused supervised-token loss, per-sequence attention
 for packed rows and the allocator settings were written and measured on CPUs only; no CUDA run has exercised them.
@@ -73,17 +81,20 @@ class Precision:
 
     def describe(self) -> str:
         mode = {("bfloat16", True): "bf16 (bf16 frozen weights + bf16 autocast; fp32 adapter and optimizer state)",
+                ("float32", True): "bf16 autocast over fp32 weights (trained weights and optimizer state fp32)",
                 ("float32", False): "fp32"}.get((self.torch_dtype, self.bf16),
                                                 f"--torch_dtype {self.torch_dtype} --bf16 {self.bf16}")
         how = "default" if self.automatic else "as given"
         return f"precision {mode} ({how}: {self.reason})"
 
 
-def choose_precision(torch_dtype: str, bf16: bool, fp16: bool, flags_given: bool, cuda: bool,
+def choose_precision(torch_dtype: str, bf16: bool, fp16: bool, flags_given: bool, cuda: bool, full_weights: bool,
                      fast: Callable[[], tuple[bool, str]] = cpu_bf16_fast) -> Precision:
-    """The run's precision. ``flags_given``: the user passed --torch_dtype, --bf16 or --fp16 (flag or file).
+    """The run's precision. ``flags_given``: the user passed --torch_dtype, --bf16 or --fp16 (flag or file), or a
+    DeepSpeed config. ``full_weights``: the base weights themselves train (``--use_peft False``).
 
-    Automatic only for a CPU run without precision flags: bf16 where :func:`cpu_bf16_fast` says bf16 matmul is fast,
+    Automatic only for a CPU run without precision flags: where :func:`cpu_bf16_fast` says bf16 matmul is fast, bf16
+    autocast over bf16 frozen weights (LoRA) or over fp32 weights (full fine-tuning: trained weights stay fp32);
     fp32 elsewhere. GPU runs and explicit flags are returned unchanged.
     """
     if cuda:
@@ -91,9 +102,12 @@ def choose_precision(torch_dtype: str, bf16: bool, fp16: bool, flags_given: bool
     if flags_given or fp16:
         return Precision(torch_dtype, bf16, False, "precision flags given")
     ok, why = fast()
-    if ok:
-        return Precision("bfloat16", True, True, why + "; --torch_dtype float32 --bf16 False for fp32")
-    return Precision("float32", False, True, why)
+    if not ok:
+        return Precision("float32", False, True, why)
+    if full_weights:
+        return Precision("float32", True, True, why + "; full fine-tuning: the trained weights stay fp32; "
+                         "--torch_dtype float32 --bf16 False for fp32")
+    return Precision("bfloat16", True, True, why + "; --torch_dtype float32 --bf16 False for fp32")
 
 
 PRECISION_FLAGS = ("torch_dtype", "bf16", "fp16")
@@ -149,23 +163,23 @@ def cuda_run(training_args: Any) -> bool:
 
 
 def finalize_hardware(model_args: Any, lora_args: Any, training_args: Any, cuda: bool,
-                      fast: Callable[[], tuple[bool, str]] = cpu_bf16_fast, auto_precision: bool = True) -> HardwarePlan:
+                      fast: Callable[[], tuple[bool, str]] = cpu_bf16_fast) -> HardwarePlan:
     """Derive the precision, the memory mode and the training paths into the parsed arguments, once per run.
 
     Sets ``model_args.torch_dtype`` (never 'auto' afterwards on CPU), ``training_args.bf16`` together with the
     ``mixed_precision`` TrainingArguments derived from it, ``model_args.cpu_paths`` ('on'/'off'),
     ``lora_args.fused_lora`` (off where our paths are off) and, for ``--low_memory``, gradient checkpointing.
-    ``auto_precision=False`` keeps fp32 as the CPU default (stages whose bf16 path has not been checked).
-    A DeepSpeed config decides precision itself: it counts as given.
+    Every stage uses the same rule (:func:`choose_precision`). A DeepSpeed config decides precision itself: it counts
+    as given.
     """
     given = model_args.torch_dtype != "auto" or bool(getattr(training_args, "deepspeed", None))
     bf16, fp16 = bool(getattr(training_args, "bf16", False)), bool(getattr(training_args, "fp16", False))
+    full_weights = lora_args is None or not lora_args.use_peft
     if model_args.low_memory and not given and not cuda:
-        precision = Precision("bfloat16", True, True, "--low_memory")
-    elif auto_precision or given or cuda:
-        precision = choose_precision(model_args.torch_dtype, bf16, fp16, given, cuda, fast)
+        # bf16 frozen weights are the memory saving; weights that train stay fp32 (see choose_precision)
+        precision = Precision("float32" if full_weights else "bfloat16", True, True, "--low_memory")
     else:
-        precision = Precision("float32", bf16, True, "fp32 is this stage's CPU default")
+        precision = choose_precision(model_args.torch_dtype, bf16, fp16, given, cuda, full_weights, fast)
     model_args.torch_dtype = precision.torch_dtype
     if precision.bf16 != bf16:
         training_args.bf16 = precision.bf16

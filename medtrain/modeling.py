@@ -192,6 +192,7 @@ def apply_lora(model: Any, lora_args: LoraArguments, task_type: str = "CAUSAL_LM
         except ValueError as err:
             raise ConfigError(f"--target_modules {lora_args.target_modules}: {str(err).splitlines()[0]}") from None
     fix_bnb_cpu_training(model)
+    upcast_trainable(model)
     if lora_args.fused_lora:
         fused = fuse_lora_layers(model)
         if fused:
@@ -199,6 +200,23 @@ def apply_lora(model: Any, lora_args: LoraArguments, task_type: str = "CAUSAL_LM
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / max(total, 1))
     return model
+
+
+def upcast_trainable(model: Any) -> int:
+    """Make every trainable parameter fp32; returns how many were cast.
+
+    Over a bf16 base (the CPU default where bf16 matmul is fast, or --torch_dtype bfloat16) PEFT keeps LoRA weights in
+    fp32 (``autocast_adapter_dtype``), but ``modules_to_save`` copies (a reward model's score head, embeddings
+    trained in full after the tokenizer grew) inherit the base's bf16: their AdamW updates below bf16's 2**-8
+    relative spacing would vanish and the optimizer state would be bf16. Under autocast fp32 weights cost nothing in
+    the forward (the matmuls still run in bf16). Tied weights stay one Parameter (cast in place).
+    """
+    count = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+            count += 1
+    return count
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
