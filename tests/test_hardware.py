@@ -44,17 +44,28 @@ def test_cpu_flags_reads_the_first_flags_line(tmp_path):
 
 
 def test_cpu_default_is_bf16_where_fast_and_fp32_elsewhere():
-    fast = choose_precision("auto", False, False, flags_given=False, cuda=False,
+    fast = choose_precision("auto", False, False, flags_given=False, cuda=False, full_weights=False,
                             fast=lambda: cpu_bf16_fast(AMX))
     assert (fast.torch_dtype, fast.bf16, fast.automatic) == ("bfloat16", True, True)
     assert "bf16 frozen weights + bf16 autocast" in fast.describe() and "AMX-BF16" in fast.describe()
     assert "--torch_dtype float32 --bf16 False" in fast.describe()
-    slow = choose_precision("auto", False, False, flags_given=False, cuda=False,
+    slow = choose_precision("auto", False, False, flags_given=False, cuda=False, full_weights=False,
                             fast=lambda: cpu_bf16_fast(NO_BF16))
     assert (slow.torch_dtype, slow.bf16, slow.automatic) == ("float32", False, True)
-    avx512_only = choose_precision("auto", False, False, flags_given=False, cuda=False,
-                                     fast=lambda: cpu_bf16_fast(AVX512_BF16))
+    avx512_only = choose_precision("auto", False, False, flags_given=False, cuda=False, full_weights=False,
+                                   fast=lambda: cpu_bf16_fast(AVX512_BF16))
     assert (avx512_only.torch_dtype, avx512_only.bf16) == ("bfloat16", True)
+
+
+def test_full_fine_tuning_keeps_its_trained_weights_fp32_under_autocast():
+    full = choose_precision("auto", False, False, flags_given=False, cuda=False, full_weights=True,
+                            fast=lambda: cpu_bf16_fast(AMX))
+    assert (full.torch_dtype, full.bf16, full.automatic) == ("float32", True, True)
+    assert full.describe().startswith("precision bf16 autocast over fp32 weights (trained weights and optimizer "
+                                      "state fp32) (default: the CPU has AMX-BF16; full fine-tuning")
+    slow = choose_precision("auto", False, False, flags_given=False, cuda=False, full_weights=True,
+                            fast=lambda: cpu_bf16_fast(NO_BF16))
+    assert (slow.torch_dtype, slow.bf16) == ("float32", False)
 
 
 def never_decide():
@@ -64,12 +75,14 @@ def never_decide():
 @pytest.mark.parametrize("dtype,bf16,fp16", [("float32", False, False), ("auto", True, False),
                                              ("bfloat16", False, False), ("auto", False, True)])
 def test_explicit_precision_flags_are_used_as_given(dtype, bf16, fp16):
-    choice = choose_precision(dtype, bf16, fp16, flags_given=True, cuda=False, fast=never_decide)
+    choice = choose_precision(dtype, bf16, fp16, flags_given=True, cuda=False, full_weights=False,
+                              fast=never_decide)
     assert choice == Precision(dtype, bf16, False, "precision flags given")
 
 
 def test_gpu_runs_keep_the_transformers_defaults():
-    choice = choose_precision("auto", True, False, flags_given=False, cuda=True, fast=never_decide)
+    choice = choose_precision("auto", True, False, flags_given=False, cuda=True, full_weights=False,
+                              fast=never_decide)
     assert (choice.torch_dtype, choice.bf16, choice.automatic) == ("auto", True, False)
 
 
@@ -107,10 +120,12 @@ def sft_args(*flags: str):
 
 @pytest.mark.parametrize("flags,dtype,bf16", [
     ((), "bfloat16", True),  # no precision flag on a fast-bf16 CPU: the fast mode
+    (("--use_peft", "False"), "float32", True),  # full fine-tuning: fp32 weights (they train) under autocast
     (("--torch_dtype", "float32", "--bf16", "False"), "float32", False),  # exactly the fp32 run
     (("--bf16", "False"), "float32", False),
     (("--bf16", "True"), "float32", True),  # autocast over fp32 weights, as before
     (("--torch_dtype", "bfloat16"), "bfloat16", False),
+    (("--deepspeed", "deepspeed_zero_stage2_config.json"), "auto", False),  # DeepSpeed decides: counts as given
 ])
 def test_finalize_sets_precision_and_the_mixed_precision_the_trainer_reads(flags, dtype, bf16):
     from medtrain.hardware import finalize_hardware
@@ -119,7 +134,7 @@ def test_finalize_sets_precision_and_the_mixed_precision_the_trainer_reads(flags
     plan = finalize_hardware(model_args, lora_args, training_args, cuda=False, fast=lambda: (True, "AMX"))
     assert (model_args.torch_dtype, training_args.bf16) == (dtype, bf16)
     assert training_args.mixed_precision == ("bf16" if bf16 else "no")
-    assert plan.precision.automatic is (not flags)
+    assert plan.precision.automatic is (flags in ((), ("--use_peft", "False")))
     assert model_args.cpu_paths == "on" and lora_args.fused_lora
 
 
@@ -134,6 +149,10 @@ def test_finalize_keeps_fp32_where_bf16_is_slow_and_low_memory_turns_on_bf16_and
     assert (model_args.torch_dtype, training_args.bf16, training_args.mixed_precision) == ("bfloat16", True, "bf16")
     assert training_args.gradient_checkpointing and training_args.activation_checkpointing
     assert "--low_memory" in plan.describe()
+    # full fine-tuning in the memory mode: the weights that train stay fp32 (autocast and checkpointing still on)
+    model_args, lora_args, _, training_args = sft_args("--low_memory", "--use_peft", "False")
+    finalize_hardware(model_args, lora_args, training_args, cuda=False, fast=lambda: (False, "no bf16"))
+    assert (model_args.torch_dtype, training_args.bf16, training_args.gradient_checkpointing) == ("float32", True, True)
 
 
 def test_a_cuda_run_takes_the_standard_paths(tiny_chat_model_dir, monkeypatch):

@@ -73,3 +73,79 @@ def test_lora_stage_trains_in_bf16_by_default_on_a_fast_bf16_cpu(stage, tiny_dir
     trainable, frozen = dtypes(bf16.model)
     assert trainable == {torch.float32} and frozen == {torch.bfloat16}
     assert_close_not_equal(first_step(bf16), first_step(fp32), keys)
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_full_fine_tuning_keeps_fp32_weights_under_bf16_autocast(stage, tiny_dir, tmp_path, monkeypatch,  # noqa: F811
+                                                                  capsys):
+    """--use_peft False: the weights are what trains, so they (and AdamW's state) stay fp32; only the step is bf16."""
+    data = write_data(stage, tmp_path / "data")
+    common = ["--max_steps", 1, "--per_device_train_batch_size", 4, "--use_peft", "False"]
+    fp32 = run_stage(stage, monkeypatch, False, *stage_args(stage, tiny_dir, data, tmp_path / "fp32", *common))
+    capsys.readouterr()
+    bf16 = run_stage(stage, monkeypatch, True, *stage_args(stage, tiny_dir, data, tmp_path / "bf16", *common))
+    assert FULL_LINE + "MEDTRAIN_CPU_BF16=1; full fine-tuning" in capsys.readouterr().out
+    assert bf16.args.bf16 and bf16.accelerator.mixed_precision == "bf16"
+    assert dtypes(bf16.model) == ({torch.float32}, set())
+    state = [s for group in bf16.optimizer.state.values() for s in group.values() if torch.is_tensor(s) and s.ndim]
+    assert state and {s.dtype for s in state} == {torch.float32}
+    if stage == "dpo":  # the frozen reference copy of the policy
+        assert {p.dtype for p in bf16.ref_model.parameters()} == {torch.float32}
+    keys = ["loss"] if stage == "sft" else ["logps/chosen", "logps/rejected"]
+    assert_close_not_equal(first_step(bf16), first_step(fp32), keys)
+
+
+def test_grpo_generates_and_trains_in_bf16_by_default(tmp_path, monkeypatch, capsys):
+    """GRPO samples its completions from the bf16 policy and trains the fp32 adapter under autocast. Completions are
+    sampled, so the comparison with fp32 is on the policy's mean token entropy over them, not on the loss (0 at the
+    first step by construction: ratio 1, group-centred advantages)."""
+    from test_grpo import stops_early_model
+
+    model = stops_early_model(tmp_path / "model")  # varying reply lengths: the length reward has a signal
+    data = write_data("grpo", tmp_path / "data")
+    common = ["--reward_funcs", "length", "--length_target_tokens", 2, "--num_generations", 4,
+              "--max_completion_length", 8, "--per_device_train_batch_size", 8, "--learning_rate", 3e-3,
+              "--max_steps", 3, "--seed", 1]
+    fp32 = run_stage("grpo", monkeypatch, False, *stage_args("grpo", model, data, tmp_path / "fp32", *common))
+    capsys.readouterr()
+    bf16 = run_stage("grpo", monkeypatch, True, *stage_args("grpo", model, data, tmp_path / "bf16", *common))
+    assert BF16_LINE + "MEDTRAIN_CPU_BF16=1" in capsys.readouterr().out
+    trainable, frozen = dtypes(bf16.model)
+    assert trainable == {torch.float32} and frozen == {torch.bfloat16}
+    steps = [e for e in bf16.state.log_history if "loss" in e]
+    assert all(math.isfinite(e["loss"]) for e in steps) and any(e["rewards/length/mean"] > 0 for e in steps)
+    # the adapter learned (every lora_B starts at zero)
+    assert all(p.detach().abs().sum() > 0 for n, p in bf16.model.named_parameters() if "lora_B" in n)
+    assert_close_not_equal(steps[0], first_step(fp32), ["entropy"])
+
+
+def test_ppo_policy_value_model_and_reward_model_in_bf16_by_default(tiny_dir, tmp_path, monkeypatch,  # noqa: F811
+                                                                     capsys):
+    """Our PPO: the policy's and the value model's frozen bases load in bf16 (the reward model's too), their adapters and
+    the value model's score head train in fp32 under autocast. Responses are sampled, so the comparison with fp32 is on
+    the policy's mean token entropy over them."""
+    import json
+
+    data = write_data("rm", tmp_path / "data")
+    rm = run_stage("rm", monkeypatch, False, *stage_args("rm", tiny_dir, data, tmp_path / "rm", "--max_steps", 1))
+    assert not rm.args.bf16
+
+    def ppo(name: str, fast_bf16: bool):
+        trainer = run_stage("ppo", monkeypatch, fast_bf16, *stage_args(
+            "ppo", tiny_dir, data, tmp_path / name, "--reward_model_name_or_path", tmp_path / "rm", "--max_steps", 1,
+            "--rollout_batch_size", 4, "--num_mini_batches", 1, "--num_ppo_epochs", 1, "--max_new_tokens", 6))
+        return trainer, json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"][0]
+
+    _, fp32 = ppo("fp32", False)
+    capsys.readouterr()
+    trainer, bf16 = ppo("bf16", True)
+    assert BF16_LINE + "MEDTRAIN_CPU_BF16=1" in capsys.readouterr().out
+    assert trainer.accelerator.mixed_precision == "bf16"
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    for part in (model.policy, model.value_model):
+        trainable, frozen = dtypes(part)
+        assert trainable == {torch.float32} and frozen == {torch.bfloat16}
+    score = [p for n, p in model.value_model.named_parameters() if "score" in n and p.requires_grad]
+    assert score and all(p.dtype == torch.float32 for p in score)
+    assert all(math.isfinite(bf16[k]) for k in ("loss/policy", "loss/value", "objective/kl"))
+    assert_close_not_equal(bf16, fp32, ["policy/entropy"])
