@@ -27,7 +27,7 @@ from .arguments import ModelArguments
 from .chat_format import resolve_chat_format
 from .errors import ConfigError, UserError
 from .formats import LoadReport, iter_json_records, load_conversations, load_preferences
-from .modeling import load_model, load_tokenizer
+from .modeling import load_model, load_tokenizer, upcast_trainable
 from .preference import TRUNCATION_CHOICES, encode_pair
 
 logger = logging.getLogger(__name__)
@@ -318,14 +318,13 @@ class RewardModelTrainer(RewardTrainer):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        # RewardTrainer casts the trainable parameters of a quantized model to bf16 (QLoRA paper). Without bf16/fp16
-        # autocast (the CPU default) the fp32 activations then meet a bf16 score head and the forward fails, so
-        # they go back to fp32 there.
+        # RewardTrainer casts the trainable parameters of a quantized model to bf16 (QLoRA paper), the fresh score
+        # head included. They go back to fp32: without autocast (the fp32 run) fp32 activations would meet a bf16 head
+        # and the forward fails; under bf16 autocast (the CPU default where bf16 is fast) the head, trained from
+        # random, would take AdamW updates below bf16's resolution. Under autocast the matmuls still run in bf16.
         quantized = getattr(self.model, "is_loaded_in_4bit", False) or getattr(self.model, "is_loaded_in_8bit", False)
-        if quantized and not (self.args.bf16 or self.args.fp16):
-            for param in self.model.parameters():
-                if param.requires_grad and param.dtype != torch.float32:
-                    param.data = param.data.float()
+        if quantized:
+            upcast_trainable(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"

@@ -149,3 +149,23 @@ def test_ppo_policy_value_model_and_reward_model_in_bf16_by_default(tiny_dir, tm
     assert score and all(p.dtype == torch.float32 for p in score)
     assert all(math.isfinite(bf16[k]) for k in ("loss/policy", "loss/value", "objective/kl"))
     assert_close_not_equal(bf16, fp32, ["policy/entropy"])
+
+
+def test_qlora_reward_model_computes_in_bf16_and_trains_its_score_head_in_fp32(tiny_dir, tmp_path,  # noqa: F811
+                                                                               monkeypatch, capsys):
+    """QLoRA under the default: bitsandbytes dequantizes to bf16 for its matmuls (the compute dtype follows the
+    precision); TRL casts a quantized model's trainable parameters to bf16 (QLoRA paper), and the reward trainer
+    takes them back to fp32: the score head starts random and trains in full."""
+    import bitsandbytes as bnb
+
+    data = write_data("rm", tmp_path / "data")
+    common = ["--max_steps", 1, "--per_device_train_batch_size", 4, "--load_in_4bit", "--qlora"]
+    fp32 = run_stage("rm", monkeypatch, False, *stage_args("rm", tiny_dir, data, tmp_path / "fp32", *common))
+    capsys.readouterr()
+    bf16 = run_stage("rm", monkeypatch, True, *stage_args("rm", tiny_dir, data, tmp_path / "bf16", *common))
+    assert BF16_LINE + "MEDTRAIN_CPU_BF16=1" in capsys.readouterr().out
+    layers = [m for m in bf16.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7 and {m.compute_dtype for m in layers} == {torch.bfloat16}
+    trainable = {n: p.dtype for n, p in bf16.model.named_parameters() if p.requires_grad}
+    assert any("score" in n for n in trainable) and set(trainable.values()) == {torch.float32}
+    assert_close_not_equal(first_step(bf16), first_step(fp32), ["loss"])
