@@ -1,7 +1,7 @@
 """The CPU precision default of every training stage (medtrain.hardware.choose_precision, one rule): on a CPU with
 fast bf16 matmul (mocked: MEDTRAIN_CPU_BF16=1) a run without precision flags logs its choice, loads the frozen base
 in bf16, keeps what trains in fp32 (LoRA weights, a reward score head, full fine-tuning's weights) and trains under
-bf16 autocast; one step's numbers stay within a small tolerance of the fp32 run (MEDTRAIN_CPU_BF16=0, the suite's
+bf16 autocast; one step's numbers stay within 0.2% of the fp32 run (MEDTRAIN_CPU_BF16=0, the suite's
 default) and differ from them (the bf16 path really ran)."""
 
 from __future__ import annotations
@@ -19,18 +19,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 BF16_LINE = "precision bf16 (bf16 frozen weights + bf16 autocast; fp32 adapter and optimizer state) (default: "
 FULL_LINE = "precision bf16 autocast over fp32 weights (trained weights and optimizer state fp32) (default: "
 FP32_LINE = "precision fp32 (default: MEDTRAIN_CPU_BF16=0)"
-# bf16 keeps 8 mantissa bits (relative rounding 2**-9 per op); through 2 tiny layers and the LM head a loss or a
-# mean log-probability moves by well under 1% (measured below 0.3% on these runs)
-REL = 0.01
-# per stage: the flags of one small step, and the logged numbers that compare (policy log-probs where the first
-# step's loss is fixed by construction: DPO/KTO start with policy == reference)
-STAGE_RUNS = {
-    "pt": ([], ["loss"]),
-    "sft": ([], ["loss"]),
-    "rm": ([], ["loss"]),
-    "dpo": ([], ["loss", "logps/chosen", "logps/rejected"]),
-    "orpo": ([], ["loss", "logps/chosen", "logps/rejected"]),
-    "kto": ([], ["loss", "logps/chosen", "logps/rejected"]),
+# bf16 keeps 8 mantissa bits (relative rounding 2**-9 per op). Measured on these runs (AMD EPYC, AVX512-BF16): the
+# first-step numbers differ from fp32 by 1e-6 .. 2.2e-4 relative (RM loss the most); 2e-3 leaves 10x for other CPUs'
+# bf16 kernels (AMX, emulation)
+REL = 2e-3
+# per stage: the logged numbers that compare (policy log-probs too where the first step's loss is fixed by
+# construction: DPO/KTO start with policy == reference, loss log 2 / 0.5 in both precisions)
+STAGE_KEYS = {
+    "pt": ["loss"],
+    "sft": ["loss"],
+    "rm": ["loss"],
+    "dpo": ["loss", "logps/chosen", "logps/rejected"],
+    "orpo": ["loss", "logps/chosen", "logps/rejected"],
+    "kto": ["loss", "logps/chosen", "logps/rejected"],
 }
 
 
@@ -58,12 +59,11 @@ def assert_close_not_equal(low: dict, high: dict, keys: list[str]) -> None:
     assert any(low[key] != high[key] for key in keys), (low, high)
 
 
-@pytest.mark.parametrize("stage", list(STAGE_RUNS))
+@pytest.mark.parametrize("stage", list(STAGE_KEYS))
 def test_lora_stage_trains_in_bf16_by_default_on_a_fast_bf16_cpu(stage, tiny_dir, tmp_path, monkeypatch,  # noqa: F811
                                                                   capsys):
-    extra, keys = STAGE_RUNS[stage]
-    data = write_data(stage if stage in ("pt", "sft", "grpo") else "dpo", tmp_path / "data")
-    common = ["--max_steps", 1, "--per_device_train_batch_size", 4, *extra]
+    data = write_data(stage, tmp_path / "data")
+    common = ["--max_steps", 1, "--per_device_train_batch_size", 4]
     fp32 = run_stage(stage, monkeypatch, False, *stage_args(stage, tiny_dir, data, tmp_path / "fp32", *common))
     assert FP32_LINE in capsys.readouterr().out
     assert dtypes(fp32.model) == ({torch.float32}, {torch.float32})
@@ -72,7 +72,7 @@ def test_lora_stage_trains_in_bf16_by_default_on_a_fast_bf16_cpu(stage, tiny_dir
     assert bf16.args.bf16 and not fp32.args.bf16
     trainable, frozen = dtypes(bf16.model)
     assert trainable == {torch.float32} and frozen == {torch.bfloat16}
-    assert_close_not_equal(first_step(bf16), first_step(fp32), keys)
+    assert_close_not_equal(first_step(bf16), first_step(fp32), STAGE_KEYS[stage])
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
