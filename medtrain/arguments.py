@@ -95,8 +95,9 @@ class ModelArguments:
     low_memory: bool = field(
         default=False,
         metadata={"help": "Memory mode: bfloat16 frozen base weights + bf16 autocast (unless --torch_dtype/--bf16 are "
-                  "given; the LoRA adapter stays fp32) and gradient checkpointing. About half the peak memory of the "
-                  "default fp32 run (docs/efficiency.md)."},
+                  "given; the LoRA adapter stays fp32; with --use_peft False the weights train and stay fp32) and "
+                  "gradient checkpointing. About a third of the peak memory of the fp32 run with LoRA "
+                  "(docs/efficiency.md)."},
     )
 
     def __post_init__(self) -> None:
