@@ -7,8 +7,8 @@ Precision (:func:`choose_precision`), one rule for every training stage. On a CP
   (the adapter, ``modules_to_save`` such as a reward score head or resized embeddings) stays fp32, and so do its
   gradients and the optimizer state (:func:`medtrain.modeling.apply_lora`); the losses' softmax/log-sum-exp is fp32.
 - Full fine-tuning (``--use_peft False``): the weights are what trains, so they load in fp32 and only the step runs
-  under bf16 autocast (AdamW updates smaller than bf16's 2**-8 relative spacing would vanish on bf16 weights, and
-  the optimizer state would be bf16 too).
+  under bf16 autocast (AdamW updates below about 2**-8 of a weight, bf16's rounding unit, would vanish on bf16
+  weights, and the optimizer state would be bf16 too).
 
 Measured whole SFT steps (SmolLM2-135M, LoRA, 4 packed rows of 512 tokens, bench/bench_precision.py): ~2x fp32 with
 autocast on a 2-core AMX Xeon; 1.49x on an idle 2-core AMD EPYC with AVX512-BF16 and no AMX (7.33 s vs 10.94 s median

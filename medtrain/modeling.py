@@ -207,9 +207,9 @@ def upcast_trainable(model: Any) -> int:
 
     Over a bf16 base (the CPU default where bf16 matmul is fast, or --torch_dtype bfloat16) PEFT keeps LoRA weights in
     fp32 (``autocast_adapter_dtype``), but ``modules_to_save`` copies (a reward model's score head, embeddings
-    trained in full after the tokenizer grew) inherit the base's bf16: their AdamW updates below bf16's 2**-8
-    relative spacing would vanish and the optimizer state would be bf16. Under autocast fp32 weights cost nothing in
-    the forward (the matmuls still run in bf16). Tied weights stay one Parameter (cast in place).
+    trained in full after the tokenizer grew) inherit the base's bf16: their AdamW updates below bf16's rounding unit
+    (about 2**-8 of a weight) would vanish and the optimizer state would be bf16. Under autocast their matmuls still
+    run in bf16 (the weight is cast per call). Tied weights stay one Parameter (cast in place).
     """
     count = 0
     for param in model.parameters():

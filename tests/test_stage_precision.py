@@ -19,9 +19,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 BF16_LINE = "precision bf16 (bf16 frozen weights + bf16 autocast; fp32 adapter and optimizer state) (default: "
 FULL_LINE = "precision bf16 autocast over fp32 weights (trained weights and optimizer state fp32) (default: "
 FP32_LINE = "precision fp32 (default: MEDTRAIN_CPU_BF16=0)"
-# bf16 keeps 8 mantissa bits (relative rounding 2**-9 per op). Measured on these runs (AMD EPYC, AVX512-BF16): the
-# first-step numbers differ from fp32 by 1e-6 .. 2.2e-4 relative (RM loss the most); 2e-3 leaves 10x for other CPUs'
-# bf16 kernels (AMX, emulation)
+# bf16 keeps 8 significant bits (relative rounding up to 2**-8 per op). Measured on these runs (AMD EPYC with
+# AVX512-BF16): the first-step numbers differ from fp32 by 1e-6 .. 2.2e-4 relative (RM loss the most); 2e-3 leaves
+# 10x for other CPUs' bf16 kernels (AMX, emulation)
 REL = 2e-3
 # per stage: the logged numbers that compare (policy log-probs too where the first step's loss is fixed by
 # construction: DPO/KTO start with policy == reference, loss log 2 / 0.5 in both precisions)
@@ -119,11 +119,10 @@ def test_grpo_generates_and_trains_in_bf16_by_default(tmp_path, monkeypatch, cap
     assert_close_not_equal(steps[0], first_step(fp32), ["entropy"])
 
 
-def test_ppo_policy_value_model_and_reward_model_in_bf16_by_default(tiny_dir, tmp_path, monkeypatch,  # noqa: F811
-                                                                     capsys):
-    """Our PPO: the policy's and the value model's frozen bases load in bf16 (the reward model's too), their adapters and
-    the value model's score head train in fp32 under autocast. Responses are sampled, so the comparison with fp32 is on
-    the policy's mean token entropy over them."""
+def test_ppo_trains_fp32_adapters_over_bf16_bases_by_default(tiny_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """Our PPO: the policy's and the value model's frozen bases load in bf16, their adapters and the value model's
+    score head train in fp32 under autocast. Responses are sampled, so the comparison with fp32 is on the policy's
+    mean token entropy over them, and on the first rollout's KL (policy == reference: exactly 0)."""
     import json
 
     data = write_data("rm", tmp_path / "data")
