@@ -75,10 +75,10 @@ def test_lora_stage_trains_in_bf16_by_default_on_a_fast_bf16_cpu(stage, tiny_dir
     assert_close_not_equal(first_step(bf16), first_step(fp32), STAGE_KEYS[stage])
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_full_fine_tuning_keeps_fp32_weights_under_bf16_autocast(stage, tiny_dir, tmp_path, monkeypatch,  # noqa: F811
-                                                                  capsys):
-    """--use_peft False: the weights are what trains, so they (and AdamW's state) stay fp32; only the step is bf16."""
+def test_full_fine_tuning_keeps_fp32_weights_under_bf16_autocast(tiny_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """--use_peft False: the weights are what trains, so they (and AdamW's state) stay fp32; only the step is bf16.
+    DPO, whose frozen reference copy of the policy is fp32 too (the rule itself: tests/test_hardware.py)."""
+    stage = "dpo"
     data = write_data(stage, tmp_path / "data")
     common = ["--max_steps", 1, "--per_device_train_batch_size", 4, "--use_peft", "False"]
     fp32 = run_stage(stage, monkeypatch, False, *stage_args(stage, tiny_dir, data, tmp_path / "fp32", *common))
@@ -89,10 +89,8 @@ def test_full_fine_tuning_keeps_fp32_weights_under_bf16_autocast(stage, tiny_dir
     assert dtypes(bf16.model) == ({torch.float32}, set())
     state = [s for group in bf16.optimizer.state.values() for s in group.values() if torch.is_tensor(s) and s.ndim]
     assert state and {s.dtype for s in state} == {torch.float32}
-    if stage == "dpo":  # the frozen reference copy of the policy
-        assert {p.dtype for p in bf16.ref_model.parameters()} == {torch.float32}
-    keys = ["loss"] if stage == "sft" else ["logps/chosen", "logps/rejected"]
-    assert_close_not_equal(first_step(bf16), first_step(fp32), keys)
+    assert {p.dtype for p in bf16.ref_model.parameters()} == {torch.float32}
+    assert_close_not_equal(first_step(bf16), first_step(fp32), ["logps/chosen", "logps/rejected"])
 
 
 def test_grpo_generates_and_trains_in_bf16_by_default(tmp_path, monkeypatch, capsys):
@@ -119,19 +117,30 @@ def test_grpo_generates_and_trains_in_bf16_by_default(tmp_path, monkeypatch, cap
     assert_close_not_equal(steps[0], first_step(fp32), ["entropy"])
 
 
-def test_ppo_trains_fp32_adapters_over_bf16_bases_by_default(tiny_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+@pytest.fixture(scope="module")
+def rl_data(tiny_dir, tmp_path_factory) -> tuple:  # noqa: F811
+    """Preference pairs (their prompts for RL) and an fp32 LoRA reward model trained one step on them (the suite's
+    MEDTRAIN_CPU_BF16=0, tests/conftest.py)."""
+    root = tmp_path_factory.mktemp("rl-precision")
+    data = write_data("rm", root / "data")
+    rm = importlib.import_module("reward_modeling").main([str(a) for a in stage_args("rm", tiny_dir, data, root / "rm",
+                                                                                     "--max_steps", 1)])
+    assert not rm.args.bf16
+    return data, root / "rm"
+
+
+def test_ppo_trains_fp32_adapters_over_bf16_bases_by_default(tiny_dir, rl_data, tmp_path, monkeypatch,  # noqa: F811
+                                                             capsys):
     """Our PPO: the policy's and the value model's frozen bases load in bf16, their adapters and the value model's
     score head train in fp32 under autocast. Responses are sampled, so the comparison with fp32 is on the policy's
     mean token entropy over them, and on the first rollout's KL (policy == reference: exactly 0)."""
     import json
 
-    data = write_data("rm", tmp_path / "data")
-    rm = run_stage("rm", monkeypatch, False, *stage_args("rm", tiny_dir, data, tmp_path / "rm", "--max_steps", 1))
-    assert not rm.args.bf16
+    data, rm = rl_data
 
     def ppo(name: str, fast_bf16: bool):
         trainer = run_stage("ppo", monkeypatch, fast_bf16, *stage_args(
-            "ppo", tiny_dir, data, tmp_path / name, "--reward_model_name_or_path", tmp_path / "rm", "--max_steps", 1,
+            "ppo", tiny_dir, data, tmp_path / name, "--reward_model_name_or_path", rm, "--max_steps", 1,
             "--rollout_batch_size", 4, "--num_mini_batches", 1, "--num_ppo_epochs", 1, "--max_new_tokens", 6))
         return trainer, json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"][0]
 
@@ -151,6 +160,25 @@ def test_ppo_trains_fp32_adapters_over_bf16_bases_by_default(tiny_dir, tmp_path,
     # division by the temperature once gave a KL of -1.6e-4 here)
     assert bf16["objective/kl"] == fp32["objective/kl"] == 0.0
     assert_close_not_equal(bf16, fp32, ["policy/entropy"])
+
+
+def test_trl_rloo_mode_trains_fp32_adapters_over_a_bf16_base_by_default(tiny_dir, rl_data, tmp_path,  # noqa: F811
+                                                                        monkeypatch, capsys):
+    """ppo_training.py --rl_algo rloo (TRL's RLOOTrainer): the reference is a frozen fp32 copy of the adapter ('ref')
+    over the same bf16 base; at the first step policy and reference agree exactly, in bf16 too."""
+    data, rm = rl_data
+    common = ["--reward_model_name_or_path", rm, "--rl_algo", "rloo", "--max_steps", 1,
+              "--per_device_train_batch_size", 4, "--num_generations", 2, "--max_completion_length", 6]
+    fp32 = run_stage("ppo", monkeypatch, False, *stage_args("ppo", tiny_dir, data, tmp_path / "fp32", *common))
+    capsys.readouterr()
+    bf16 = run_stage("ppo", monkeypatch, True, *stage_args("ppo", tiny_dir, data, tmp_path / "bf16", *common))
+    assert BF16_LINE + "MEDTRAIN_CPU_BF16=1" in capsys.readouterr().out
+    assert bf16.args.bf16
+    trainable = {p.dtype for p in bf16.model.parameters() if p.requires_grad}
+    base = {p.dtype for n, p in bf16.model.named_parameters() if not p.requires_grad and "lora_" not in n}
+    assert trainable == {torch.float32} and base == {torch.bfloat16}
+    assert first_step(bf16)["kl"] == first_step(fp32)["kl"] == 0.0
+    assert_close_not_equal(first_step(bf16), first_step(fp32), ["entropy"])
 
 
 def test_qlora_reward_model_computes_in_bf16_and_trains_its_score_head_in_fp32(tiny_dir, tmp_path,  # noqa: F811
