@@ -32,6 +32,7 @@ from medtrain.distributed import (
     summarize_deepspeed,
 )
 from medtrain.entrypoint import run_main
+from medtrain.hardware import cpu_bf16_fast
 from medtrain.errors import ConfigError
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -95,14 +96,19 @@ def describe_precision(cuda: bool, bf16: bool, fp16: bool, problems: list[str]) 
         native = cpu_bf16_native()
         support = ("bf16 supported (native AVX512-BF16/AMX)" if native
                    else "bf16 supported but emulated (no AVX512-BF16/AMX: slower than float32)") + "; fp16 needs a GPU"
-    chosen = "bf16" if bf16 else "fp16" if fp16 else ("bf16/fp16 as --bf16/--fp16 say" if cuda else "float32")
+    chosen = "bf16" if bf16 else "fp16" if fp16 else ("bf16/fp16 as --bf16/--fp16 say" if cuda else None)
+    if chosen is None:  # a CPU launch without precision flags: the stages' automatic choice (medtrain.hardware)
+        fast, why = cpu_bf16_fast()
+        chosen = "bf16" if fast else "float32"
+        support += f"; the stages' default here: {chosen} ({why})"
     line("precision", f"{chosen}; {support}")
     if bf16 and fp16:
         problems.append("--bf16 and --fp16 exclude each other: pick one.")
     if bf16 and not bf16_ok:
         problems.append("--bf16 needs an Ampere or newer GPU here: use --fp16.")
     if fp16 and not cuda:
-        problems.append("--fp16 needs a CUDA GPU; on CPU use float32 (default) or --bf16.")
+        problems.append("--fp16 needs a CUDA GPU; on CPU drop it (the default: bf16 where bf16 matmul is fast, "
+                        "else float32) or use --bf16.")
 
 
 def describe_deepspeed(path: str | None, cuda: bool, problems: list[str]) -> None:

@@ -324,7 +324,8 @@ def distributed_problems(model_args: Any, lora_args: Any, training_args: Any, cu
                             "--torch_dtype bfloat16.")
     else:
         if fp16:
-            problems.append("--fp16 needs a CUDA GPU; on CPU use float32 (default) or --bf16.")
+            problems.append("--fp16 needs a CUDA GPU; on CPU drop it (the default: bf16 where bf16 matmul is fast, "
+                            "else float32) or use --bf16.")
         if model_args.torch_dtype == "float16":
             problems.append("--torch_dtype float16 is not supported for training on CPU: use float32 or bfloat16.")
     if model_args.attn_implementation == "flash_attention_2":

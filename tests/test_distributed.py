@@ -464,6 +464,8 @@ def test_preflight_node0_reports_the_launch():
     if not torch.cuda.is_available():
         assert lines[2].startswith("device     CPU (") and "-> backend gloo, use_cpu on" in lines[2]
         assert lines[3].startswith("precision  float32; bf16 supported")
+        # no precision flag: what the stages will choose here (the suite pins MEDTRAIN_CPU_BF16=0, tests/conftest.py)
+        assert lines[3].endswith("; the stages' default here: float32 (MEDTRAIN_CPU_BF16=0)")
     assert lines[4] == ("deepspeed  deepspeed_zero_stage3_config.json: ZeRO-3, Trainer's optimizer (--optim), "
                         "Trainer's scheduler (--lr_scheduler_type), 16-bit weights gathered on save")
     assert lines[-1] == "ok         this node can launch"
@@ -545,7 +547,8 @@ def test_preflight_lists_every_problem_of_a_launch(tmp_path):
         "copy it from deepspeed_zero_stage3_offload_config.json.",
     ]
     if not torch.cuda.is_available():
-        expected.insert(0, "--fp16 needs a CUDA GPU; on CPU use float32 (default) or --bf16.")
+        expected.insert(0, "--fp16 needs a CUDA GPU; on CPU drop it (the default: bf16 where bf16 matmul is fast, "
+                           "else float32) or use --bf16.")
     assert problems == expected
     proc, _ = preflight("--nnodes", "2", "--node_rank", "2")
     assert proc.returncode == 2 and proc.stderr == "error: NODE_RANK must be in 0..1 for NNODES=2, got 2.\n"
@@ -612,7 +615,8 @@ def test_cpu_refuses_gpu_only_precision_and_backends(tmp_path, monkeypatch):
     assert _check(tmp_path, monkeypatch, fp16=True, ddp_backend="nccl",
                   model={"attn_implementation": "flash_attention_2", "torch_dtype": "float16"}) == [
         "--ddp_backend nccl needs CUDA GPUs; on CPU the backend is gloo (leave --ddp_backend unset).",
-        "--fp16 needs a CUDA GPU; on CPU use float32 (default) or --bf16.",
+        "--fp16 needs a CUDA GPU; on CPU drop it (the default: bf16 where bf16 matmul is fast, "
+        "else float32) or use --bf16.",
         "--torch_dtype float16 is not supported for training on CPU: use float32 or bfloat16.",
         "--attn_implementation flash_attention_2 needs a CUDA GPU; on CPU leave it unset (sdpa is used).",
     ]
