@@ -73,6 +73,9 @@ def test_lora_stage_trains_in_bf16_by_default_on_a_fast_bf16_cpu(stage, tiny_dir
     trainable, frozen = dtypes(bf16.model)
     assert trainable == {torch.float32} and frozen == {torch.bfloat16}
     assert_close_not_equal(first_step(bf16), first_step(fp32), STAGE_KEYS[stage])
+    if stage in ("dpo", "kto"):  # reference log-probs: the same bf16 base with the adapter off, under the same autocast,
+        # so at the first step (lora_B = 0) they equal the policy's exactly: DPO's loss is log 2, KTO's 0.5
+        assert first_step(bf16)["loss"] == pytest.approx(math.log(2) if stage == "dpo" else 0.5, abs=1e-6)
 
 
 def test_full_fine_tuning_keeps_fp32_weights_under_bf16_autocast(tiny_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
