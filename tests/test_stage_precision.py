@@ -73,6 +73,12 @@ def test_lora_stage_trains_in_bf16_by_default_on_a_fast_bf16_cpu(stage, tiny_dir
     trainable, frozen = dtypes(bf16.model)
     assert trainable == {torch.float32} and frozen == {torch.bfloat16}
     assert_close_not_equal(first_step(bf16), first_step(fp32), STAGE_KEYS[stage])
+    if stage == "sft":  # fp32 stays one flag away on a fast-bf16 CPU: exactly the fp32 run
+        flags = run_stage(stage, monkeypatch, True, *stage_args(stage, tiny_dir, data, tmp_path / "flags", *common,
+                                                                 "--torch_dtype", "float32", "--bf16", "False"))
+        assert "hardware: precision fp32 (as given: precision flags given)" in capsys.readouterr().out
+        assert dtypes(flags.model) == ({torch.float32}, {torch.float32})
+        assert first_step(flags)["loss"] == first_step(fp32)["loss"]
     if stage in ("dpo", "kto"):  # reference log-probs: the same bf16 base with the adapter off, under the same autocast,
         # so at the first step (lora_B = 0) they equal the policy's exactly: DPO's loss is log 2, KTO's 0.5
         assert first_step(bf16)["loss"] == pytest.approx(math.log(2) if stage == "dpo" else 0.5, abs=1e-6)
