@@ -9,6 +9,7 @@ Variants (``tool:precision``; ``--tool`` alone means ``ours:fp32`` and/or ``lf:f
 - ``ours:default``: no precision flag, i.e. what a user gets (bf16 on CPUs with AMX-BF16/AVX512-BF16, else fp32;
   the run's ``hardware:`` log line, recorded per run, says which);
 - ``ours:bf16``: ``--torch_dtype bfloat16 --bf16 True`` forced; ``ours:low_memory``: ``--low_memory True``;
+  ``ours:autocast``: fp32 weights under bf16 autocast (``--torch_dtype float32 --bf16 True``);
 - ``lf:fp32``: LLaMA-Factory's default (``bf16: false``); ``lf:bf16``: ``bf16: true`` plus ``use_cpu: true`` (without
   it LLaMA-Factory 0.9.5 refuses bf16 on a CPU); ``lf:low_memory``: ``bf16``/``use_cpu`` + its gradient checkpointing.
 
@@ -142,7 +143,8 @@ def write_subset(data: Path, samples: int, directory: Path) -> tuple[Path, Path]
 
 
 OURS_PRECISION = {"fp32": ["--torch_dtype", "float32", "--bf16", "False"], "default": [],
-                  "bf16": ["--torch_dtype", "bfloat16", "--bf16", "True"], "low_memory": ["--low_memory", "True"]}
+                  "bf16": ["--torch_dtype", "bfloat16", "--bf16", "True"], "low_memory": ["--low_memory", "True"],
+                  "autocast": ["--torch_dtype", "float32", "--bf16", "True"]}
 LF_PRECISION = {"fp32": {}, "bf16": {"bf16": True, "use_cpu": True},
                 "low_memory": {"bf16": True, "use_cpu": True, "disable_gradient_checkpointing": False}}
 TOOLS = {"ours": "ours", "lf": "llamafactory", "llamafactory": "llamafactory"}
@@ -240,25 +242,29 @@ def hardware_line(log: Path) -> str:
     return ""
 
 
-def run_tool(tool: str, run_dir: Path, model: Path, data_dirs: tuple[Path, Path], precision: str = "fp32") -> dict:
+def launch(tool: str, run_dir: Path, ours: list[str], lf: dict) -> tuple[dict, float]:
+    """Run one tool in a fresh ``run_dir`` (ours: the command ``ours``; LLaMA-Factory: the config ``lf``), measured;
+    return the measurement and the load average before it."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     env = dict(os.environ, **ENV, PYTHONPATH=str(ROOT))
     load_before = os.getloadavg()[0]
     if tool == "ours":
-        measured = run_measured(ours_command(model, data_dirs[0], run_dir / "model", precision), run_dir / "log.txt",
-                                ROOT, env)
-        results_file = run_dir / "model" / "train_results.json"
-    else:
-        import yaml
+        return run_measured(ours, run_dir / "log.txt", ROOT, env), load_before
+    import yaml
 
-        config = run_dir / "config.yaml"  # LLaMA-Factory 0.9.5 fails to read a .json config (json.load on a Path)
-        config.write_text(yaml.safe_dump(lf_config(model, data_dirs[1], run_dir, precision), sort_keys=False))
-        cli = ensure_llamafactory()
-        env.pop("PYTHONPATH")
-        measured = run_measured([str(cli), "train", str(config)], run_dir / "log.txt", run_dir, env)
-        results_file = run_dir / "model" / "train_results.json"
+    config = run_dir / "config.yaml"  # LLaMA-Factory 0.9.5 fails to read a .json config (json.load on a Path)
+    config.write_text(yaml.safe_dump(lf, sort_keys=False))
+    cli = ensure_llamafactory()
+    env.pop("PYTHONPATH")
+    return run_measured([str(cli), "train", str(config)], run_dir / "log.txt", run_dir, env), load_before
+
+
+def run_tool(tool: str, run_dir: Path, model: Path, data_dirs: tuple[Path, Path], precision: str = "fp32") -> dict:
+    measured, load_before = launch(tool, run_dir, ours_command(model, data_dirs[0], run_dir / "model", precision),
+                                   lf_config(model, data_dirs[1], run_dir, precision))
+    results_file = run_dir / "model" / "train_results.json"
     result = {"tool": tool, "variant": label(tool, precision), **measured, "load_before": round(load_before, 1),
               "load_after": round(os.getloadavg()[0], 1)}
     if measured["rc"] != 0 or not results_file.is_file():

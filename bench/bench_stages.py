@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -39,8 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sft import (BENCH, DEFAULT_MODEL, ENV, JOB, LF_PRECISION, OURS_PRECISION, ROOT,  # noqa: E402
-                       ensure_llamafactory, hardware_line, label, parse_variants, run_measured)
+from bench_sft import (BENCH, DEFAULT_MODEL, JOB, LF_PRECISION, OURS_PRECISION, ROOT,  # noqa: E402
+                       ensure_llamafactory, hardware_line, label, launch, parse_variants)
 from machine import environment, load_average  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "medical-zh"
@@ -143,22 +142,9 @@ def lf_config(stage: str, model: Path, data_dir: Path, out: Path, precision: str
 
 
 def run_tool(stage: str, tool: str, precision: str, run_dir: Path, model: Path, data_dirs: tuple[Path, Path]) -> dict:
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    env = dict(os.environ, **ENV, PYTHONPATH=str(ROOT))
-    load_before = os.getloadavg()[0]
-    if tool == "ours":
-        measured = run_measured(ours_command(stage, model, data_dirs[0], run_dir / "model", precision),
-                                run_dir / "log.txt", ROOT, env)
-    else:
-        import yaml
-
-        config = run_dir / "config.yaml"
-        config.write_text(yaml.safe_dump(lf_config(stage, model, data_dirs[1], run_dir, precision), sort_keys=False))
-        cli = ensure_llamafactory()
-        env.pop("PYTHONPATH")
-        measured = run_measured([str(cli), "train", str(config)], run_dir / "log.txt", run_dir, env)
+    measured, load_before = launch(tool, run_dir,
+                                   ours_command(stage, model, data_dirs[0], run_dir / "model", precision),
+                                   lf_config(stage, model, data_dirs[1], run_dir, precision))
     results_file = run_dir / "model" / "train_results.json"
     result = {"stage": stage, "tool": tool, "variant": label(tool, precision), **measured,
               "load_before": round(load_before, 1), "load_after": round(os.getloadavg()[0], 1)}
