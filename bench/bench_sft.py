@@ -242,28 +242,29 @@ def hardware_line(log: Path) -> str:
     return ""
 
 
-def launch(tool: str, run_dir: Path, ours: list[str], lf: dict) -> tuple[dict, float]:
-    """Run one tool in a fresh ``run_dir`` (ours: the command ``ours``; LLaMA-Factory: the config ``lf``), measured;
-    return the measurement and the load average before it."""
+def launch(tool: str, run_dir: Path, job: list[str] | dict) -> tuple[dict, float]:
+    """Run one tool in a fresh ``run_dir`` (ours: ``job`` is the command; LLaMA-Factory: its config), measured; return
+    the measurement and the load average before it."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     env = dict(os.environ, **ENV, PYTHONPATH=str(ROOT))
     load_before = os.getloadavg()[0]
     if tool == "ours":
-        return run_measured(ours, run_dir / "log.txt", ROOT, env), load_before
+        return run_measured(job, run_dir / "log.txt", ROOT, env), load_before
     import yaml
 
     config = run_dir / "config.yaml"  # LLaMA-Factory 0.9.5 fails to read a .json config (json.load on a Path)
-    config.write_text(yaml.safe_dump(lf, sort_keys=False))
+    config.write_text(yaml.safe_dump(job, sort_keys=False))
     cli = ensure_llamafactory()
     env.pop("PYTHONPATH")
     return run_measured([str(cli), "train", str(config)], run_dir / "log.txt", run_dir, env), load_before
 
 
 def run_tool(tool: str, run_dir: Path, model: Path, data_dirs: tuple[Path, Path], precision: str = "fp32") -> dict:
-    measured, load_before = launch(tool, run_dir, ours_command(model, data_dirs[0], run_dir / "model", precision),
-                                   lf_config(model, data_dirs[1], run_dir, precision))
+    job = (ours_command(model, data_dirs[0], run_dir / "model", precision) if tool == "ours"
+           else lf_config(model, data_dirs[1], run_dir, precision))
+    measured, load_before = launch(tool, run_dir, job)
     results_file = run_dir / "model" / "train_results.json"
     result = {"tool": tool, "variant": label(tool, precision), **measured, "load_before": round(load_before, 1),
               "load_after": round(os.getloadavg()[0], 1)}

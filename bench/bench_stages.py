@@ -142,9 +142,9 @@ def lf_config(stage: str, model: Path, data_dir: Path, out: Path, precision: str
 
 
 def run_tool(stage: str, tool: str, precision: str, run_dir: Path, model: Path, data_dirs: tuple[Path, Path]) -> dict:
-    measured, load_before = launch(tool, run_dir,
-                                   ours_command(stage, model, data_dirs[0], run_dir / "model", precision),
-                                   lf_config(stage, model, data_dirs[1], run_dir, precision))
+    job = (ours_command(stage, model, data_dirs[0], run_dir / "model", precision) if tool == "ours"
+           else lf_config(stage, model, data_dirs[1], run_dir, precision))
+    measured, load_before = launch(tool, run_dir, job)
     results_file = run_dir / "model" / "train_results.json"
     result = {"stage": stage, "tool": tool, "variant": label(tool, precision), **measured,
               "load_before": round(load_before, 1), "load_after": round(os.getloadavg()[0], 1)}
