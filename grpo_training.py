@@ -49,7 +49,8 @@ def main(args: list[str] | None = None):
         args=args, stage_defaults={"output_dir": "outputs-grpo", "logging_steps": 1},
     )
     hardware = finalize(model_args, lora_args, data_args, training_args,
-                        checks=(lambda: check_grpo_arguments(reward_args, data_args, training_args),))
+                        checks=(lambda: check_grpo_arguments(reward_args, data_args, training_args),),
+                        reference_ratio=True)
     # seeds before the LoRA adapter is built, so a run and its resume start from the same adapter
     resume = start_run(training_args, run_args.overwrite_output_dir)
     logging.getLogger("medtrain").info("hardware: %s", hardware.describe())

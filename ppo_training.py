@@ -123,7 +123,8 @@ def encode_prompts(records: list[dict], tokenizer, chat_format, max_length: int,
 def main(args: list[str] | None = None):
     # Configuration: parse (pure; --rl_algo picks the trainer's config), derive and check once, set up the process
     model_args, lora_args, data_args, run_args, rl_args, ppo_args, training_args = parse_config(args)
-    hardware = finalize(model_args, lora_args, data_args, training_args, checks=(lambda: check_no_validation_data(data_args),))
+    hardware = finalize(model_args, lora_args, data_args, training_args,
+                        checks=(lambda: check_no_validation_data(data_args),), reference_ratio=True)
     resume = start_run(training_args, run_args.overwrite_output_dir)
     logging.getLogger("medtrain").info("hardware: %s", hardware.describe())
 

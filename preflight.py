@@ -99,7 +99,7 @@ def describe_precision(cuda: bool, bf16: bool, fp16: bool, problems: list[str]) 
     chosen = "bf16" if bf16 else "fp16" if fp16 else ("bf16/fp16 as --bf16/--fp16 say" if cuda else None)
     if chosen is None:  # a CPU launch without precision flags: the stages' automatic choice (medtrain.hardware)
         fast, why = cpu_bf16_fast()
-        chosen = "bf16" if fast else "float32"
+        chosen = "bf16 (DPO, KTO, PPO, GRPO: float32)" if fast else "float32"
         support += f"; the stages' default here: {chosen} ({why})"
     line("precision", f"{chosen}; {support}")
     if bf16 and fp16:

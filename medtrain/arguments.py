@@ -470,7 +470,7 @@ def check_arguments(model_args: ModelArguments, lora_args: LoraArguments, traini
 
 
 def finalize(model_args: ModelArguments, lora_args: LoraArguments, data_args: Any, training_args: Any,
-             checks: tuple[Callable[[], None], ...] = ()) -> HardwarePlan:
+             checks: tuple[Callable[[], None], ...] = (), reference_ratio: bool = False) -> HardwarePlan:
     """Derive the trainer's fields from ours once, then check everything; every problem in one ConfigError.
 
     Runs once per stage, right after :func:`parse_args`; afterwards nothing reassigns a field of these objects
@@ -488,6 +488,8 @@ def finalize(model_args: ModelArguments, lora_args: LoraArguments, data_args: An
       else fp32), ``--low_memory``, and ``--cpu_paths`` (our CPU paths off on CUDA runs unless asked).
 
     ``checks`` are the stage's own cross-checks (each raises ConfigError); their problems join the list.
+    ``reference_ratio``: the stage's loss rests on policy/reference log-prob differences (DPO, KTO, PPO, GRPO): fp32
+    stays its CPU default (:func:`medtrain.hardware.choose_precision`).
     """
     problems: list[str] = []
     model_max_length = getattr(data_args, "model_max_length", None)
@@ -514,7 +516,8 @@ def finalize(model_args: ModelArguments, lora_args: LoraArguments, data_args: An
         training_args.max_length = model_max_length
     if hasattr(training_args, "dataset_num_proc") and getattr(data_args, "preprocessing_num_workers", None):
         training_args.dataset_num_proc = data_args.preprocessing_num_workers
-    return finalize_hardware(model_args, lora_args, training_args, cuda=cuda_run(training_args))
+    return finalize_hardware(model_args, lora_args, training_args, cuda=cuda_run(training_args),
+                             reference_ratio=reference_ratio)
 
 
 def peek_arg(name: str, default: Any, args: list[str] | None = None) -> Any:

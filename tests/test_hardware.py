@@ -68,6 +68,21 @@ def test_full_fine_tuning_keeps_its_trained_weights_fp32_under_autocast():
     assert (slow.torch_dtype, slow.bf16) == ("float32", False)
 
 
+def test_reference_ratio_stages_keep_fp32_by_default_even_where_bf16_is_fast():
+    """DPO, KTO, PPO, GRPO: their loss is a small policy/reference log-prob difference, which bf16 rounding swamps
+    (bench: docs/efficiency.md); fp32 stays their CPU default, with the reason in the log, and flags still win."""
+    for full_weights in (False, True):
+        choice = choose_precision("auto", False, False, flags_given=False, cuda=False, full_weights=full_weights,
+                                  fast=lambda: cpu_bf16_fast(AMX), reference_ratio=True)
+        assert (choice.torch_dtype, choice.bf16, choice.automatic) == ("float32", False, True)
+        assert choice.describe().startswith("precision fp32 (default: the CPU has AMX-BF16, but this stage's loss "
+                                            "rests on small log-prob differences")
+        assert "--torch_dtype bfloat16 --bf16 True opts in" in choice.describe()
+    given = choose_precision("bfloat16", True, False, flags_given=True, cuda=False, full_weights=False,
+                             fast=never_decide, reference_ratio=True)
+    assert (given.torch_dtype, given.bf16, given.automatic) == ("bfloat16", True, False)
+
+
 def never_decide():
     raise AssertionError("explicit flags and GPU runs must not be decided from the CPU")
 

@@ -2,7 +2,9 @@
 fast bf16 matmul (mocked: MEDTRAIN_CPU_BF16=1) a run without precision flags logs its choice, loads the frozen base
 in bf16, keeps what trains in fp32 (LoRA weights, a reward score head, full fine-tuning's weights) and trains under
 bf16 autocast; one step's numbers stay within 0.2% of the fp32 run (MEDTRAIN_CPU_BF16=0, the suite's
-default) and differ from them (the bf16 path really ran)."""
+default) and differ from them (the bf16 path really ran). The stages whose loss rests on policy/reference log-prob
+differences (DPO, KTO, PPO/RLOO, GRPO) keep fp32 as their default on such a CPU (their fp32 runs below are that
+default, logged with the reason); their bf16 path, one flag pair away, is checked the same way."""
 
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 BF16_LINE = "precision bf16 (bf16 frozen weights + bf16 autocast; fp32 adapter and optimizer state) (default: "
 FULL_LINE = "precision bf16 autocast over fp32 weights (trained weights and optimizer state fp32) (default: "
 FP32_LINE = "precision fp32 (default: MEDTRAIN_CPU_BF16=0)"
+# DPO, KTO, PPO/RLOO, GRPO on a fast-bf16 CPU without flags: fp32, and why
+RATIO_LINE = "precision fp32 (default: MEDTRAIN_CPU_BF16=1, but this stage's loss rests on small log-prob differences"
+GIVEN_BF16 = "precision bf16 (bf16 frozen weights + bf16 autocast; fp32 adapter and optimizer state) (as given: "
+BF16_FLAGS = ["--torch_dtype", "bfloat16", "--bf16", "True"]
+RATIO_STAGES = {"dpo", "kto", "ppo", "grpo"}
 # bf16 keeps 8 significant bits (relative rounding up to 2**-8 per op). Measured on these runs (AMD EPYC with
 # AVX512-BF16): the first-step numbers differ from fp32 by 1e-6 .. 2.2e-4 relative (RM loss the most); 2e-3 leaves
 # 10x for other CPUs' bf16 kernels (AMX, emulation)
@@ -64,11 +71,13 @@ def test_lora_stage_trains_in_bf16_by_default_on_a_fast_bf16_cpu(stage, tiny_dir
                                                                   capsys):
     data = write_data(stage, tmp_path / "data")
     common = ["--max_steps", 1, "--per_device_train_batch_size", 4]
-    fp32 = run_stage(stage, monkeypatch, False, *stage_args(stage, tiny_dir, data, tmp_path / "fp32", *common))
-    assert FP32_LINE in capsys.readouterr().out
+    ratio = stage in RATIO_STAGES  # fp32 is the default there on a fast-bf16 CPU too; bf16 needs the flags
+    fp32 = run_stage(stage, monkeypatch, ratio, *stage_args(stage, tiny_dir, data, tmp_path / "fp32", *common))
+    assert (RATIO_LINE if ratio else FP32_LINE) in capsys.readouterr().out
     assert dtypes(fp32.model) == ({torch.float32}, {torch.float32})
-    bf16 = run_stage(stage, monkeypatch, True, *stage_args(stage, tiny_dir, data, tmp_path / "bf16", *common))
-    assert BF16_LINE + "MEDTRAIN_CPU_BF16=1" in capsys.readouterr().out
+    bf16 = run_stage(stage, monkeypatch, True, *stage_args(stage, tiny_dir, data, tmp_path / "bf16", *common,
+                                                            *(BF16_FLAGS if ratio else [])))
+    assert (GIVEN_BF16 if ratio else BF16_LINE + "MEDTRAIN_CPU_BF16=1") in capsys.readouterr().out
     assert bf16.args.bf16 and not fp32.args.bf16
     trainable, frozen = dtypes(bf16.model)
     assert trainable == {torch.float32} and frozen == {torch.bfloat16}
@@ -92,8 +101,9 @@ def test_full_fine_tuning_keeps_fp32_weights_under_bf16_autocast(tiny_dir, tmp_p
     common = ["--max_steps", 1, "--per_device_train_batch_size", 4, "--use_peft", "False"]
     fp32 = run_stage(stage, monkeypatch, False, *stage_args(stage, tiny_dir, data, tmp_path / "fp32", *common))
     capsys.readouterr()
-    bf16 = run_stage(stage, monkeypatch, True, *stage_args(stage, tiny_dir, data, tmp_path / "bf16", *common))
-    assert FULL_LINE + "MEDTRAIN_CPU_BF16=1; full fine-tuning" in capsys.readouterr().out
+    bf16 = run_stage(stage, monkeypatch, True, *stage_args(stage, tiny_dir, data, tmp_path / "bf16", *common,
+                                                            "--bf16", "True"))  # DPO's default is fp32 (see above)
+    assert FULL_LINE.replace("(default: ", "(as given: precision flags given)") in capsys.readouterr().out
     assert bf16.args.bf16 and bf16.accelerator.mixed_precision == "bf16"
     assert dtypes(bf16.model) == ({torch.float32}, set())
     state = [s for group in bf16.optimizer.state.values() for s in group.values() if torch.is_tensor(s) and s.ndim]
@@ -113,10 +123,11 @@ def test_grpo_generates_and_trains_in_bf16_by_default(tmp_path, monkeypatch, cap
     common = ["--reward_funcs", "length", "--length_target_tokens", 2, "--num_generations", 4,
               "--max_completion_length", 8, "--per_device_train_batch_size", 8, "--learning_rate", 3e-3,
               "--max_steps", 3, "--seed", 1]
-    fp32 = run_stage("grpo", monkeypatch, False, *stage_args("grpo", model, data, tmp_path / "fp32", *common))
-    capsys.readouterr()
-    bf16 = run_stage("grpo", monkeypatch, True, *stage_args("grpo", model, data, tmp_path / "bf16", *common))
-    assert BF16_LINE + "MEDTRAIN_CPU_BF16=1" in capsys.readouterr().out
+    fp32 = run_stage("grpo", monkeypatch, True, *stage_args("grpo", model, data, tmp_path / "fp32", *common))
+    assert RATIO_LINE in capsys.readouterr().out
+    bf16 = run_stage("grpo", monkeypatch, True, *stage_args("grpo", model, data, tmp_path / "bf16", *common,
+                                                             *BF16_FLAGS))
+    assert GIVEN_BF16 in capsys.readouterr().out
     trainable, frozen = dtypes(bf16.model)
     assert trainable == {torch.float32} and frozen == {torch.bfloat16}
     steps = [e for e in bf16.state.log_history if "loss" in e]
@@ -147,16 +158,16 @@ def test_ppo_trains_fp32_adapters_over_bf16_bases_by_default(tiny_dir, rl_data, 
 
     data, rm = rl_data
 
-    def ppo(name: str, fast_bf16: bool):
-        trainer = run_stage("ppo", monkeypatch, fast_bf16, *stage_args(
+    def ppo(name: str, *flags):
+        trainer = run_stage("ppo", monkeypatch, True, *stage_args(
             "ppo", tiny_dir, data, tmp_path / name, "--reward_model_name_or_path", rm, "--max_steps", 1,
-            "--rollout_batch_size", 4, "--num_mini_batches", 1, "--num_ppo_epochs", 1, "--max_new_tokens", 6))
+            "--rollout_batch_size", 4, "--num_mini_batches", 1, "--num_ppo_epochs", 1, "--max_new_tokens", 6, *flags))
         return trainer, json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"][0]
 
-    _, fp32 = ppo("fp32", False)
-    capsys.readouterr()
-    trainer, bf16 = ppo("bf16", True)
-    assert BF16_LINE + "MEDTRAIN_CPU_BF16=1" in capsys.readouterr().out
+    _, fp32 = ppo("fp32")
+    assert RATIO_LINE in capsys.readouterr().out
+    trainer, bf16 = ppo("bf16", *BF16_FLAGS)
+    assert GIVEN_BF16 in capsys.readouterr().out
     assert trainer.accelerator.mixed_precision == "bf16"
     model = trainer.accelerator.unwrap_model(trainer.model)
     for part in (model.policy, model.value_model):
@@ -178,10 +189,11 @@ def test_trl_rloo_mode_trains_fp32_adapters_over_a_bf16_base_by_default(tiny_dir
     data, rm = rl_data
     common = ["--reward_model_name_or_path", rm, "--rl_algo", "rloo", "--max_steps", 1,
               "--per_device_train_batch_size", 4, "--num_generations", 2, "--max_completion_length", 6]
-    fp32 = run_stage("ppo", monkeypatch, False, *stage_args("ppo", tiny_dir, data, tmp_path / "fp32", *common))
-    capsys.readouterr()
-    bf16 = run_stage("ppo", monkeypatch, True, *stage_args("ppo", tiny_dir, data, tmp_path / "bf16", *common))
-    assert BF16_LINE + "MEDTRAIN_CPU_BF16=1" in capsys.readouterr().out
+    fp32 = run_stage("ppo", monkeypatch, True, *stage_args("ppo", tiny_dir, data, tmp_path / "fp32", *common))
+    assert RATIO_LINE in capsys.readouterr().out
+    bf16 = run_stage("ppo", monkeypatch, True, *stage_args("ppo", tiny_dir, data, tmp_path / "bf16", *common,
+                                                            *BF16_FLAGS))
+    assert GIVEN_BF16 in capsys.readouterr().out
     assert bf16.args.bf16
     trainable = {p.dtype for p in bf16.model.parameters() if p.requires_grad}
     base = {p.dtype for n, p in bf16.model.named_parameters() if not p.requires_grad and "lora_" not in n}
