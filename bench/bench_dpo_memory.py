@@ -22,6 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import environment  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -114,6 +117,7 @@ def main() -> None:
         print(f"model: Llama {options.layers} layers x {options.hidden} hidden, vocab {options.vocab}: "
               f"{params / 1e6:.1f}M parameters ({params * 4 / 2**20:.0f} MiB in fp32); "
               f"{options.steps} steps of {options.batch} pairs")
+        print(f"environment: {json.dumps(environment())}")
         results = {}
         for mode in options.modes:
             job = ["--model_name_or_path", str(work / "model"), "--train_file_dir", str(work / "data"),

@@ -25,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import environment  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
@@ -123,7 +126,7 @@ def main() -> None:
         raise SystemExit(f"{SHARED} is absent: the bench needs ../shared's CMMLU and PubMedQA files")
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-eval-")
     report = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "model": args.model, "batch_size": args.batch_size,
-              "cpu": cpu_info(), "runs": []}
+              "cpu": cpu_info(), "environment": environment(), "runs": []}
     for spec in [s for s in args.runs.split(",") if s]:
         report["runs"].append(run_one(spec, args.model, args.batch_size, workdir, args.extra))
     results = ROOT / "bench" / "results"

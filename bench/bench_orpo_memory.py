@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dpo_memory import build_model, rss_mb, write_pairs  # noqa: E402
+from machine import environment  # noqa: E402
 
 METHODS = {"dpo": ("dpo_training.py", []), "orpo": ("orpo_training.py", []),
            "simpo": ("orpo_training.py", ["--loss_type", "simpo"])}
@@ -47,11 +47,6 @@ def child(script: str, args: list[str]) -> None:
     print(json.dumps({"import_rss_mb": after_import, "peak_rss_mb": peak, "train_runtime_s": runtime}))
 
 
-def cpu_model() -> str:
-    with open("/proc/cpuinfo", encoding="utf-8") as fh:
-        return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), platform.machine())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -68,7 +63,7 @@ def main() -> None:
         child(options.child[0], options.child[1:])
         return
 
-    print(f"cpu: {cpu_model()}, {os.cpu_count()} cores; load: {os.getloadavg()} (shared machine)")
+    print(f"environment: {json.dumps(environment())}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         params = build_model(work / "model", options.hidden, options.layers, options.vocab)

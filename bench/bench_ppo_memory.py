@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dpo_memory import ROOT, WORDS, build_model, rss_mb, write_pairs  # noqa: E402
+from machine import environment  # noqa: E402
 
 MODES = {"lora": [], "full": ["--use_peft", "False"]}
 
@@ -92,6 +93,7 @@ def main() -> None:
         print(f"model: Llama {options.layers} layers x {options.hidden} hidden, vocab {options.vocab}: "
               f"{params / 1e6:.1f}M parameters ({params * 4 / 2**20:.0f} MiB in fp32); {options.steps} PPO updates "
               f"of {options.rollout_batch_size} rollouts x 32 new tokens")
+        print(f"environment: {json.dumps(environment())}")
         results = {}
         for mode in options.modes:
             job = ["--model_name_or_path", str(work / "model"), "--reward_model_name_or_path", str(work / "rm"),

@@ -32,6 +32,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import environment  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ROOT / "data" / "prompts" / "heldout_questions.jsonl"
 
@@ -202,7 +205,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_baseline(args)), flush=True)
         return
 
-    record = {"machine_before": machine(), "args": vars(args), "rounds": []}
+    record = {"machine_before": machine(), "environment": environment(), "args": vars(args), "rounds": []}
     for _ in range(args.rounds):
         child = subprocess.run([sys.executable, __file__, "--child", "baseline", "--model", args.model,
                                 "--new_tokens", str(args.new_tokens), "--requests_per_client",
@@ -216,6 +219,7 @@ def main() -> None:
         record["rounds"].append({"baseline": baseline, "server": server, "loadavg_after": os.getloadavg()})
     record["machine_after"] = machine()
 
+    print(f"environment: {json.dumps(record['environment'])}")
     print(f"{record['machine_before']['cpu']} ({record['machine_before']['cores']} cores), load before "
           f"{record['machine_before']['loadavg']}, after {record['machine_after']['loadavg']}; shared machine")
     print(f"{'side':<9}{'clients':>8}{'requests':>9}{'TTFT med':>10}{'TTFT p90':>10}{'tok/s':>9}")
