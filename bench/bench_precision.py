@@ -141,14 +141,19 @@ def profile_step(model, optimizer, batch: dict, mode: str, top: int = 18) -> lis
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
         step(model, optimizer, batch, mode)
-    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    return top_ops(prof.key_averages(), f"profile {mode}", top)
+
+
+def top_ops(averages, title: str, top: int = 18) -> list[dict]:
+    """Print and return the ``top`` ops of a profiler's ``key_averages()`` by self CPU time, with their share."""
+    events = [e for e in averages if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)
     rows = [{"op": e.key, "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1000, 1),
              "share": round(e.self_cpu_time_total / total, 3)}
             for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]]
-    print(f"profile {mode}: {total / 1e6:.2f} s self CPU in all ops")
+    print(f"{title}: {total / 1e6:.2f} s self CPU in all ops")
     for row in rows:
-        print(f"  {row['op']:42} {row['calls']:6d} calls {row['self_ms']:9.1f} ms {100 * row['share']:5.1f}%")
+        print(f"  {row['op'][:60]:60} {row['calls']:6d} calls {row['self_ms']:9.1f} ms {100 * row['share']:5.1f}%")
     return rows
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_precision import top_ops  # noqa: E402
 from machine import environment  # noqa: E402
 
 SCRIPTS = {"pt": "pretraining", "sft": "supervised_finetuning", "rm": "reward_modeling", "dpo": "dpo_training",
@@ -59,13 +60,8 @@ def main() -> None:
         transformers.Trainer.training_step = original
     if "events" not in result:
         raise SystemExit(f"error: the run took {seen[0]} training steps, fewer than --step {args.step}")
-    events = [e for e in result["events"] if e.self_cpu_time_total > 0]
-    total = sum(e.self_cpu_time_total for e in events)
-    print(f"\nprofile of {args.stage} step {args.step}: {total / 1e6:.2f} s self CPU in all ops "
-          f"(torch threads {torch.get_num_threads()})")
-    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
-        print(f"  {e.key[:60]:60} {e.count:6d} calls {e.self_cpu_time_total / 1000:9.1f} ms "
-              f"{100 * e.self_cpu_time_total / total:5.1f}%")
+    top_ops(result["events"], f"\nprofile of {args.stage} step {args.step} (torch threads {torch.get_num_threads()})",
+            args.top)
     print(f"environment: {json.dumps(environment())}")
 
 

@@ -41,7 +41,8 @@ class ModelArguments:
     torch_dtype: str = field(
         default="auto",
         metadata={
-            "help": "Dtype to load the weights in. 'auto' on CPU, every stage: where the CPU multiplies bf16 fast "
+            "help": "Dtype to load the weights in. 'auto' on CPU (DPO, KTO, PPO, GRPO: float32, bf16 rounding swamps their "
+            "reference log-ratios; the other stages:) where the CPU multiplies bf16 fast "
             "(AMX-BF16 or AVX512-BF16; the log says which) --bf16 autocast over bfloat16 frozen weights (LoRA; the "
             "adapter stays fp32) or over float32 weights (--use_peft False: trained weights stay fp32); float32 "
             "elsewhere or when --bf16/--fp16 is given; on GPU bfloat16 where supported, else float16. --torch_dtype "

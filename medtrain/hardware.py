@@ -1,7 +1,8 @@
 """What the run's hardware decides: the default precision, and which training paths a device gets.
 
 Precision (:func:`choose_precision`), one rule for every training stage. On a CPU with bf16 matmul instructions
-(AMX-BF16 or AVX512-BF16) a run that names no precision trains in bf16:
+(AMX-BF16 or AVX512-BF16) a run that names no precision trains in bf16, except in the stages whose loss rests on
+policy/reference log-prob differences (DPO, KTO, PPO, GRPO: ``reference_ratio``, fp32, see :func:`choose_precision`):
 
 - LoRA/QLoRA (the default): the frozen base weights load in bf16 and the step runs under bf16 autocast. What trains
   (the adapter, ``modules_to_save`` such as a reward score head or resized embeddings) stays fp32, and so do its
