@@ -150,16 +150,18 @@ LF_PRECISION = {"fp32": {}, "bf16": {"bf16": True, "use_cpu": True},
 TOOLS = {"ours": "ours", "lf": "llamafactory", "llamafactory": "llamafactory"}
 
 
-def parse_variants(text: str) -> list[tuple[str, str]]:
-    """``ours:default,lf:bf16`` -> [("ours", "default"), ("llamafactory", "bf16")], checked against the tables above."""
+def parse_variants(text: str, extra: dict[str, list[str]] | None = None) -> list[tuple[str, str]]:
+    """``ours:default,lf:bf16`` -> [("ours", "default"), ("llamafactory", "bf16")], checked against the tables above
+    (``extra``: a stage's own variants of ours, name -> flags)."""
+    ours = {**OURS_PRECISION, **(extra or {})}
     variants = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         tool, _, precision = item.partition(":")
         tool = TOOLS.get(tool)
-        table = OURS_PRECISION if tool == "ours" else LF_PRECISION
+        table = ours if tool == "ours" else LF_PRECISION
         if tool is None or precision not in table:
             raise SystemExit(f"error: --variants: {item!r} is not one of "
-                             f"{', '.join(['ours:' + k for k in OURS_PRECISION] + ['lf:' + k for k in LF_PRECISION])}")
+                             f"{', '.join(['ours:' + k for k in ours] + ['lf:' + k for k in LF_PRECISION])}")
         variants.append((tool, precision))
     return variants
 

@@ -113,14 +113,20 @@ def write_data(stage: str, count: int, directory: Path, model: Path) -> tuple[Pa
     return ours, lf
 
 
+# Stage-only variants of ours: DPO without the shared-prompt rows (TRL's padded chosen/rejected rows)
+STAGE_VARIANTS = {"dpo": {"fp32_padded": OURS_PRECISION["fp32"] + ["--shared_prompt", "False"],
+                          "default_padded": OURS_PRECISION["default"] + ["--shared_prompt", "False"]}}
+
+
 def ours_command(stage: str, model: Path, data_dir: Path, out: Path, precision: str) -> list[str]:
     spec = STAGES[stage]
+    flags = STAGE_VARIANTS.get(stage, {}).get(precision) or OURS_PRECISION[precision]
     return [sys.executable, str(ROOT / spec["script"]),
             "--model_name_or_path", str(model), "--train_file_dir", str(data_dir), "--output_dir", str(out),
             spec["length_flag"], str(JOB["max_length"]), "--per_device_train_batch_size", str(spec["batch_size"]),
             "--num_train_epochs", str(JOB["epochs"]), "--learning_rate", str(spec["learning_rate"]),
             "--lora_rank", str(JOB["lora_rank"]), "--lora_alpha", str(JOB["lora_alpha"]),
-            "--lora_dropout", str(JOB["lora_dropout"]), "--target_modules", "all", *OURS_PRECISION[precision],
+            "--lora_dropout", str(JOB["lora_dropout"]), "--target_modules", "all", *flags,
             "--validation_split_percentage", "0", "--do_eval", "False", "--eval_strategy", "no",
             "--save_strategy", "no", "--report_to", "none", "--logging_steps", "10", "--seed", str(JOB["seed"]),
             "--disable_tqdm", "True"]
@@ -218,7 +224,7 @@ def main() -> None:
         raise SystemExit(f"error: no data file {source} (../shared is needed)")
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"error: no model in {args.model}: run `python prepare_model.py` (or pass --model)")
-    variants = parse_variants(args.variants)
+    variants = parse_variants(args.variants, extra=STAGE_VARIANTS.get(args.stage))
     if any(tool == "llamafactory" for tool, _ in variants):
         ensure_llamafactory()
     stamp = time.strftime("%Y%m%d-%H%M%S")

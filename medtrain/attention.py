@@ -166,10 +166,17 @@ def packed_segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return rows
 
 
+# A segment of a row: queries [start, end) attend causally to themselves and, before them, to the keys
+# [prefix_start, prefix_start + prefix_len) of the same row (a prompt shared with an earlier segment, see
+# medtrain.shared_prompt). Segments found from position_ids have no prefix.
+Segment = tuple[int, int, int, int]  # (start, end, prefix_start, prefix_len)
+SEGMENTS_KWARG = "medtrain_segments"
+
+
 def varlen_attention_forward(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-    position_ids: torch.Tensor | None = None, **kwargs: Any,
+    position_ids: torch.Tensor | None = None, medtrain_segments: list[list[Segment]] | None = None, **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Causal sdpa run separately on each packed sequence of each row (like FlashAttention's varlen kernels).
 
@@ -178,14 +185,18 @@ def varlen_attention_forward(
     for FlashAttention, so this path runs in training mode only, where rows come from our packing collator without
     a padding mask. Everything else (rows without restarting positions, evaluation, generation with left padding)
     goes to plain sdpa with the usual mask, which honours packed rows too.
+
+    ``medtrain_segments`` (passed through the model's forward kwargs, one list of :data:`Segment` per row) gives the
+    layout explicitly, in any mode: DPO's shared-prompt rows (:mod:`medtrain.shared_prompt`), where a reply segment
+    also attends to a prompt stored once earlier in the row.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     seq_len = query.shape[2]
-    segments = None
-    if (module.training and position_ids is not None and seq_len > 1 and key.shape[2] == seq_len
-            and position_ids.shape[-1] == seq_len):
-        segments = packed_segments(position_ids.expand(query.shape[0], -1))
+    segments = medtrain_segments
+    if (segments is None and module.training and position_ids is not None and seq_len > 1
+            and key.shape[2] == seq_len and position_ids.shape[-1] == seq_len):
+        segments = [[(s, e, s, 0) for s, e in row] for row in packed_segments(position_ids.expand(query.shape[0], -1))]
         if all(len(row) == 1 for row in segments):
             segments = None
     if segments is None:
@@ -196,14 +207,28 @@ def varlen_attention_forward(
     # tensor (each slice assignment's backward clones the whole gradient: 1 GB of copies per SFT bench step).
     gqa = query.shape[1] != key.shape[1]
     pieces = [
-        F.scaled_dot_product_attention(
-            query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], dropout_p=dropout,
-            scale=scaling, is_causal=e - s > 1, enable_gqa=gqa,
-        )[0].transpose(0, 1)  # (l, H, D)
-        for b, row in enumerate(segments) for s, e in row
+        _segment_attention(query[b:b + 1], key[b:b + 1], value[b:b + 1], segment, dropout, scaling, gqa)[0]
+        .transpose(0, 1)  # (l, H, D)
+        for b, row in enumerate(segments) for segment in row
     ]
     out = torch.cat(pieces).view(query.shape[0], seq_len, query.shape[1], value.shape[-1])  # (B, L, H, D)
     return out, None
+
+
+def _segment_attention(query, key, value, segment: Segment, dropout: float, scaling: float | None, gqa: bool):
+    """Attention of one segment's queries: causal within the segment, after its shared prefix (if any)."""
+    start, end, prefix_start, prefix_len = segment
+    q = query[:, :, start:end]
+    if prefix_len == 0:
+        return F.scaled_dot_product_attention(q, key[:, :, start:end], value[:, :, start:end], dropout_p=dropout,
+                                              scale=scaling, is_causal=end - start > 1, enable_gqa=gqa)
+    prefix = slice(prefix_start, prefix_start + prefix_len)
+    k = torch.cat([key[:, :, prefix], key[:, :, start:end]], dim=2)
+    v = torch.cat([value[:, :, prefix], value[:, :, start:end]], dim=2)
+    # query i sits after the whole prefix: it sees keys 0 .. prefix_len + i (the causal mask aligned bottom-right)
+    allowed = torch.ones(end - start, prefix_len + end - start, dtype=torch.bool, device=q.device).tril(prefix_len)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling,
+                                          enable_gqa=gqa)
 
 
 def register_varlen_attention() -> str:

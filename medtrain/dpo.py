@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from trl import DPOConfig, DPOTrainer
 
 from .arguments import DataArguments, LoraArguments, ModelArguments
@@ -27,6 +28,10 @@ from .preference import DPO_TRUNCATION_CHOICES, encode_pairs
 logger = logging.getLogger(__name__)
 
 ID_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
+
+# Largest |log-prob| difference between the packed and padded layouts accepted by the start-up check, for
+# (bf16/fp16 weights, fp32 weights): rounding differs between the two layouts, a missing prompt does not stay this small
+SHARED_PROMPT_TOLERANCE = {False: 0.25, True: 2e-3}
 
 # Every loss TRL 1.16 implements (DPOTrainer._compute_loss); tests check this list against TRL's source.
 LOSS_TYPES = [
@@ -59,6 +64,15 @@ class DPOArguments:
             "end; 'left' cuts only the prompt from the left (replies stay whole; a pair whose reply alone is too long "
             "is dropped); 'drop' skips the pair. Counts are logged.",
             "choices": DPO_TRUNCATION_CHOICES,
+        },
+    )
+    shared_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Where our CPU paths are on (--cpu_paths; default on CPU): each batch runs as one padding-free "
+            "row in which every prompt is computed once for both replies (medtrain/shared_prompt.py); the same "
+            "log-probs as TRL's padded rows up to rounding, checked on the model at start-up. False: TRL's padded "
+            "chosen/rejected rows."
         },
     )
 
@@ -273,6 +287,49 @@ class PretokenizedDPOTrainer(DPOTrainer):
     TRL 1.16 would re-extract and re-tokenize them (and fail, since there is no text), so preparation is skipped.
     """
 
+    def __init__(self, *args: Any, shared_prompt: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shared_prompt = shared_prompt and self._use_shared_prompt()
+
+    def _use_shared_prompt(self) -> bool:
+        """Switch to one padding-free row per batch with each prompt computed once (:mod:`medtrain.shared_prompt`),
+        after checking on the loaded model that it gives TRL's log-probs; False (TRL's padded rows) otherwise."""
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        from .shared_prompt import (SharedPromptCollator, add_shared_prompt_forward, shared_prompt_mismatch,
+                                    use_segment_attention)
+
+        def off(why: str) -> bool:
+            logger.info("shared-prompt pair rows off: %s; TRL's padded chosen/rejected rows", why)
+            return False
+
+        if is_deepspeed_zero3_enabled() or self.is_fsdp_enabled:
+            return off("sharded weights (ZeRO-3/FSDP) are gathered only inside the engine, so the check cannot run")
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        models = [base] + ([self.ref_model] if self.ref_model is not None else [])
+        before = [m.config._attn_implementation for m in models]
+        if any(use_segment_attention(m) is None for m in models):
+            for m, attention in zip(models, before):
+                m.set_attn_implementation(attention)
+            return off(f"attention {'/'.join(before)} cannot run per-segment sdpa")
+        collator = SharedPromptCollator(self.data_collator)
+        vocab = base.get_input_embeddings().num_embeddings
+        for m in models:
+            add_shared_prompt_forward(m)
+        # both layouts through the policy (and a separate reference): same log-probs up to rounding
+        checked = [self.model] + ([self.ref_model] if self.ref_model is not None else [])
+        mismatch = max(shared_prompt_mismatch(m, collator, vocab) for m in checked)
+        tolerance = SHARED_PROMPT_TOLERANCE[base.get_input_embeddings().weight.dtype == torch.float32]
+        if not mismatch <= tolerance:
+            for m, attention in zip(models, before):
+                m.set_attn_implementation(attention)
+            return off(f"on this model the packed row's log-probs differ from the padded rows' by {mismatch:.3g} "
+                       f"(> {tolerance})")
+        self.data_collator = collator
+        logger.info("shared-prompt pair rows: one padding-free row per batch, each prompt computed once "
+                    "(log-probs checked against TRL's padded rows: max difference %.2g)", mismatch)
+        return True
+
     # Private hook: DPOConfig has no public switch to skip TRL's preparation (SFTConfig's dataset_kwargs
     # skip_prepare_dataset has no DPO twin in TRL 1.16). Signature pinned by tests/test_configuration.py.
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -291,7 +348,8 @@ class PretokenizedDPOTrainer(DPOTrainer):
 
 
 def build_trainer(model: Any, ref_model: Any | None, training_args: DPOConfig, train_dataset: Any, eval_dataset: Any,
-                  tokenizer: Any, lora_args: LoraArguments, callbacks: list | None = None) -> PretokenizedDPOTrainer:
+                  tokenizer: Any, lora_args: LoraArguments, callbacks: list | None = None,
+                  shared_prompt: bool = False) -> PretokenizedDPOTrainer:
     """DPOTrainer with our reference-model policy applied.
 
     Given a PeftModel and no reference, TRL adds a "ref" adapter copied from the trainable one. For a fresh adapter
@@ -307,6 +365,7 @@ def build_trainer(model: Any, ref_model: Any | None, training_args: DPOConfig, t
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=callbacks,
+        shared_prompt=shared_prompt,
     )
     if "ref" in getattr(trainer.model, "peft_config", {}) and not lora_args.peft_path:
         trainer.model.delete_adapter("ref")

@@ -218,7 +218,8 @@ def test_trl_trains_on_our_ids_without_recutting(lora_run, tiny_chat_model_dir):
 
     trainer, _ = lora_run
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model_dir)
-    assert trainer.args.max_length == MAX_LENGTH and trainer.data_collator.max_length == MAX_LENGTH
+    assert trainer.shared_prompt  # CPU run: our shared-prompt rows, around TRL's own padded collator
+    assert trainer.args.max_length == MAX_LENGTH and trainer.data_collator.padded.max_length == MAX_LENGTH
     assert len(trainer.train_dataset) == 5  # default --truncation reply: every pair kept (one prompt cut, one reply)
     first = trainer.train_dataset[0]
     assert first["prompt_ids"] == encode(tokenizer, PROMPT_SEGMENTS)  # not re-tokenized by TRL
