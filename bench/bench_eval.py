@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,22 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 ENV = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
-
-
-def cpu_info() -> dict:
-    model, flags = platform.processor(), []
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name") and model in ("", platform.processor()):
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    break
-    except OSError:
-        pass
-    keep = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
-    return {"model": model, "cores": os.cpu_count(), "flags": keep}
 
 
 def load() -> str:
@@ -96,8 +79,9 @@ def run_one(spec: str, model: str, batch_size: int, workdir: str, extra: list[st
 
 def markdown(report: dict) -> str:
     lines = [f"# eval bench {report['time']}", "",
-             f"model {report['model']}, batch {report['batch_size']}, CPU {report['cpu']['model']} "
-             f"({report['cpu']['cores']} cores; {' '.join(report['cpu']['flags'])}); shared machine, load averages "
+             f"model {report['model']}, batch {report['batch_size']}, CPU {report['environment']['cpu_model']} "
+             f"({report['environment']['cpu_count']} cores; {' '.join(report['environment']['precision_flags'])}); "
+             "shared machine, load averages "
              "(1/5/15 min) before -> after each run.", "",
              "| run | subject | n | acc | ± | acc_norm | ± |", "|---|---|---:|---:|---:|---:|---:|"]
     for row in report["runs"]:
@@ -126,7 +110,7 @@ def main() -> None:
         raise SystemExit(f"{SHARED} is absent: the bench needs ../shared's CMMLU and PubMedQA files")
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-eval-")
     report = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "model": args.model, "batch_size": args.batch_size,
-              "cpu": cpu_info(), "environment": environment(), "runs": []}
+              "environment": environment(), "runs": []}
     for spec in [s for s in args.runs.split(",") if s]:
         report["runs"].append(run_one(spec, args.model, args.batch_size, workdir, args.extra))
     results = ROOT / "bench" / "results"

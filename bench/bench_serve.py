@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import environment  # noqa: E402
+from machine import environment, load_average  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ROOT / "data" / "prompts" / "heldout_questions.jsonl"
@@ -42,13 +41,6 @@ QUESTIONS = ROOT / "data" / "prompts" / "heldout_questions.jsonl"
 def prompts(count: int) -> list[list[dict]]:
     questions = [json.loads(line)["question"] for line in QUESTIONS.read_text(encoding="utf-8").splitlines() if line]
     return [[{"role": "user", "content": questions[i % len(questions)]}] for i in range(count)]
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    flags = set(next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split())
-    return {"cpu": cpu, "cores": os.cpu_count(), "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16"}),
-            "loadavg": os.getloadavg(), "python": platform.python_version()}
 
 
 def summarize(ttfts: list[float], tokens: int, wall: float) -> dict:
@@ -205,7 +197,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_baseline(args)), flush=True)
         return
 
-    record = {"machine_before": machine(), "environment": environment(), "args": vars(args), "rounds": []}
+    record = {"environment": environment(), "args": vars(args), "rounds": []}
     for _ in range(args.rounds):
         child = subprocess.run([sys.executable, __file__, "--child", "baseline", "--model", args.model,
                                 "--new_tokens", str(args.new_tokens), "--requests_per_client",
@@ -217,11 +209,12 @@ def main() -> None:
         baseline = json.loads(line[7:])
         server = run_server(args)
         record["rounds"].append({"baseline": baseline, "server": server, "loadavg_after": os.getloadavg()})
-    record["machine_after"] = machine()
+    record["uptime_after"] = load_average()
 
     print(f"environment: {json.dumps(record['environment'])}")
-    print(f"{record['machine_before']['cpu']} ({record['machine_before']['cores']} cores), load before "
-          f"{record['machine_before']['loadavg']}, after {record['machine_after']['loadavg']}; shared machine")
+    env = record["environment"]
+    print(f"{env['cpu_model']} ({env['cpu_count']} cores; {' '.join(env['precision_flags'])}), before: {env['uptime']}; "
+          f"after: {record['uptime_after']}; shared machine")
     print(f"{'side':<9}{'clients':>8}{'requests':>9}{'TTFT med':>10}{'TTFT p90':>10}{'tok/s':>9}")
     for i, rnd in enumerate(record["rounds"]):
         for side in ("baseline", "server"):
