@@ -89,7 +89,7 @@ class ModelArguments:
     cpu_paths: str = field(
         default="auto",
         metadata={"help": "Our CPU-tuned training paths (fused LoRA branch, fused supervised-token loss, attention per "
-                  "packed sequence): auto = on for CPU runs, off for CUDA runs (they have never run on a GPU; CUDA "
+                  "packed sequence, DPO's shared-prompt rows): auto = on for CPU runs, off for CUDA runs (they have never run on a GPU; CUDA "
                   "runs take the standard PEFT/transformers/TRL paths); on / off to force.",
                   "choices": ["auto", "on", "off"]},
     )

@@ -20,7 +20,7 @@ False`` is the plain fp32 run. GPU runs keep the usual transformers/TRL behaviou
 where the GPU supports it).
 
 Paths (:func:`cpu_paths_enabled`). The fused LoRA branch, the fused supervised-token loss, per-sequence attention
-for packed rows and the allocator settings were written and measured on CPUs only; no CUDA run has exercised them.
+for packed rows, DPO's shared-prompt rows and the allocator settings were written and measured on CPUs only; no CUDA run has exercised them.
 Until one has, CUDA runs take the standard PEFT/transformers/TRL paths (packed rows with sdpa's block mask, or
 FlashAttention-2 padding-free rows); ``--cpu_paths on`` turns ours on for a GPU run too, ``off`` turns them off on CPU.
 """
@@ -146,7 +146,8 @@ def cpu_paths_enabled(setting: str, cuda: bool) -> bool:
 
 def describe_cpu_paths(enabled: bool, cuda: bool) -> str:
     if enabled:
-        return ("our CPU paths on (fused LoRA branch, fused loss, per-sequence attention, allocator settings)"
+        return ("our CPU paths on (fused LoRA branch, fused loss, per-sequence attention, DPO shared-prompt rows, "
+                "allocator settings)"
                 + ("; NOT yet validated on a GPU" if cuda else ""))
     return ("standard PEFT/transformers/TRL paths" + (" (CUDA run: ours never ran on a GPU; --cpu_paths on to try "
                                                       "them)" if cuda else " (--cpu_paths off)"))
