@@ -141,11 +141,15 @@ def run_dpo(model_dir, tmp_path, *extra):
     return dpo_training.main([str(a) for a in args])
 
 
-def test_dpo_trains_the_same_with_shared_prompt_rows(tiny_chat_model_dir, tmp_path, capsys):
-    shared = run_dpo(tiny_chat_model_dir, tmp_path / "shared")
+@pytest.mark.parametrize("extra", [(), ("--use_peft", "False", "--learning_rate", "1e-3"),
+                                   ("--gradient_checkpointing", "True")], ids=["lora", "full", "checkpointing"])
+def test_dpo_trains_the_same_with_shared_prompt_rows(extra, tiny_chat_model_dir, tmp_path, capsys):
+    """LoRA (reference = adapter off), full training (a frozen reference copy gets the packed forward too) and
+    gradient checkpointing (the segments pass through the checkpointed layers)."""
+    shared = run_dpo(tiny_chat_model_dir, tmp_path / "shared", *extra)
     assert shared.shared_prompt and isinstance(shared.data_collator, SharedPromptCollator)
     assert "shared-prompt pair rows: one padding-free row per batch" in capsys.readouterr().out  # the run's log
-    padded = run_dpo(tiny_chat_model_dir, tmp_path / "padded", "--shared_prompt", "False")
+    padded = run_dpo(tiny_chat_model_dir, tmp_path / "padded", *extra, "--shared_prompt", "False")
     assert not padded.shared_prompt and not isinstance(padded.data_collator, SharedPromptCollator)
     keys = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "entropy",
             "mean_token_accuracy", "num_tokens")
