@@ -306,7 +306,9 @@ class PretokenizedDPOTrainer(DPOTrainer):
         if is_deepspeed_zero3_enabled() or self.is_fsdp_enabled:
             return off("sharded weights (ZeRO-3/FSDP) are gathered only inside the engine, so the check cannot run")
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        models = [base] + ([self.ref_model] if self.ref_model is not None else [])
+        # a separate reference is already prepared: under DeepSpeed an engine holding the model in .module
+        reference = getattr(self.ref_model, "module", self.ref_model)
+        models = [base] + ([reference] if reference is not None else [])
         before = [m.config._attn_implementation for m in models]
         if any(use_segment_attention(m) is None for m in models):
             for m, attention in zip(models, before):
@@ -317,7 +319,7 @@ class PretokenizedDPOTrainer(DPOTrainer):
         for m in models:
             add_shared_prompt_forward(m)
         # both layouts through the policy (and a separate reference): same log-probs up to rounding
-        checked = [self.model] + ([self.ref_model] if self.ref_model is not None else [])
+        checked = [self.model] + ([reference] if reference is not None else [])
         mismatch = max(shared_prompt_mismatch(m, collator, vocab) for m in checked)
         tolerance = SHARED_PROMPT_TOLERANCE[base.get_input_embeddings().weight.dtype == torch.float32]
         if not mismatch <= tolerance:
