@@ -79,8 +79,9 @@ def main(args: list[str] | None = None):
         model = apply_lora(model, lora_args, gradient_checkpointing=training_args.gradient_checkpointing)
 
     # Our CPU paths (--cpu_paths): each batch as one padding-free row with every prompt computed once
+    shared_prompt = dpo_args.shared_prompt and model_args.cpu_paths == "on"
     trainer = build_trainer(model, ref_model, training_args, train_dataset, eval_dataset, tokenizer, lora_args,
-                            callbacks=resilience_callbacks(run_args), shared_prompt=dpo_args.shared_prompt and model_args.cpu_paths == "on")
+                            callbacks=resilience_callbacks(run_args), shared_prompt=shared_prompt)
 
     # Train, save (model, tokenizer, chat format), evaluate (rewards/*, logps/* are in the logs, tensorboard and the
     # eval results), curves

@@ -41,8 +41,8 @@ class ModelArguments:
     torch_dtype: str = field(
         default="auto",
         metadata={
-            "help": "Dtype to load the weights in. 'auto' on CPU (DPO, KTO, PPO, GRPO: float32, bf16 rounding swamps their "
-            "reference log-ratios; the other stages:) where the CPU multiplies bf16 fast "
+            "help": "Dtype to load the weights in. 'auto' on CPU (DPO, KTO, PPO, GRPO: float32, bf16 rounding swamps "
+            "their reference log-ratios; the other stages:) where the CPU multiplies bf16 fast "
             "(AMX-BF16 or AVX512-BF16; the log says which) --bf16 autocast over bfloat16 frozen weights (LoRA; the "
             "adapter stays fp32) or over float32 weights (--use_peft False: trained weights stay fp32); float32 "
             "elsewhere or when --bf16/--fp16 is given; on GPU bfloat16 where supported, else float16. --torch_dtype "
@@ -89,8 +89,8 @@ class ModelArguments:
     cpu_paths: str = field(
         default="auto",
         metadata={"help": "Our CPU-tuned training paths (fused LoRA branch, fused supervised-token loss, attention per "
-                  "packed sequence, DPO's shared-prompt rows): auto = on for CPU runs, off for CUDA runs (they have never run on a GPU; CUDA "
-                  "runs take the standard PEFT/transformers/TRL paths); on / off to force.",
+                  "packed sequence, DPO's shared-prompt rows): auto = on for CPU runs, off for CUDA runs (they have "
+                  "never run on a GPU; CUDA runs take the standard PEFT/transformers/TRL paths); on / off to force.",
                   "choices": ["auto", "on", "off"]},
     )
     low_memory: bool = field(

@@ -29,9 +29,10 @@ logger = logging.getLogger(__name__)
 
 ID_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
 
-# Largest |log-prob| difference between the packed and padded layouts accepted by the start-up check, for
-# (bf16/fp16 weights, fp32 weights): rounding differs between the two layouts, a missing prompt does not stay this small
-SHARED_PROMPT_TOLERANCE = {False: 0.25, True: 2e-3}
+# Largest |log-prob| difference between the packed and padded layouts accepted by the start-up check, with fp32 and
+# with bf16/fp16 weights: rounding differs between the two layouts, a missing prompt does not stay this small
+SHARED_PROMPT_TOLERANCE_FP32 = 2e-3
+SHARED_PROMPT_TOLERANCE_HALF = 0.25
 
 # Every loss TRL 1.16 implements (DPOTrainer._compute_loss); tests check this list against TRL's source.
 LOSS_TYPES = [
@@ -299,21 +300,21 @@ class PretokenizedDPOTrainer(DPOTrainer):
         from .shared_prompt import (SharedPromptCollator, add_shared_prompt_forward, shared_prompt_mismatch,
                                     use_segment_attention)
 
-        def off(why: str) -> bool:
+        def off(why: str, restore: list[str] | None = None) -> bool:
+            for m, attention in zip(models, restore or []):
+                m.set_attn_implementation(attention)
             logger.info("shared-prompt pair rows off: %s; TRL's padded chosen/rejected rows", why)
             return False
 
-        if is_deepspeed_zero3_enabled() or self.is_fsdp_enabled:
-            return off("sharded weights (ZeRO-3/FSDP) are gathered only inside the engine, so the check cannot run")
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         # a separate reference is already prepared: under DeepSpeed an engine holding the model in .module
         reference = getattr(self.ref_model, "module", self.ref_model)
         models = [base] + ([reference] if reference is not None else [])
+        if is_deepspeed_zero3_enabled() or self.is_fsdp_enabled:
+            return off("sharded weights (ZeRO-3/FSDP) are gathered only inside the engine, so the check cannot run")
         before = [m.config._attn_implementation for m in models]
         if any(use_segment_attention(m) is None for m in models):
-            for m, attention in zip(models, before):
-                m.set_attn_implementation(attention)
-            return off(f"attention {'/'.join(before)} cannot run per-segment sdpa")
+            return off(f"attention {'/'.join(before)} cannot run per-segment sdpa", restore=before)
         collator = SharedPromptCollator(self.data_collator)
         vocab = base.get_input_embeddings().num_embeddings
         for m in models:
@@ -321,12 +322,11 @@ class PretokenizedDPOTrainer(DPOTrainer):
         # both layouts through the policy (and a separate reference): same log-probs up to rounding
         checked = [self.model] + ([reference] if reference is not None else [])
         mismatch = max(shared_prompt_mismatch(m, collator, vocab) for m in checked)
-        tolerance = SHARED_PROMPT_TOLERANCE[base.get_input_embeddings().weight.dtype == torch.float32]
+        fp32 = base.get_input_embeddings().weight.dtype == torch.float32
+        tolerance = SHARED_PROMPT_TOLERANCE_FP32 if fp32 else SHARED_PROMPT_TOLERANCE_HALF
         if not mismatch <= tolerance:
-            for m, attention in zip(models, before):
-                m.set_attn_implementation(attention)
             return off(f"on this model the packed row's log-probs differ from the padded rows' by {mismatch:.3g} "
-                       f"(> {tolerance})")
+                       f"(> {tolerance})", restore=before)
         self.data_collator = collator
         logger.info("shared-prompt pair rows: one padding-free row per batch, each prompt computed once "
                     "(log-probs checked against TRL's padded rows: max difference %.2g)", mismatch)

@@ -20,8 +20,8 @@ False`` is the plain fp32 run. GPU runs keep the usual transformers/TRL behaviou
 where the GPU supports it).
 
 Paths (:func:`cpu_paths_enabled`). The fused LoRA branch, the fused supervised-token loss, per-sequence attention
-for packed rows, DPO's shared-prompt rows and the allocator settings were written and measured on CPUs only; no CUDA run has exercised them.
-Until one has, CUDA runs take the standard PEFT/transformers/TRL paths (packed rows with sdpa's block mask, or
+for packed rows, DPO's shared-prompt rows and the allocator settings were written and measured on CPUs only; no CUDA
+run has exercised them. Until one has, CUDA runs take the standard PEFT/transformers/TRL paths (packed rows with sdpa's block mask, or
 FlashAttention-2 padding-free rows); ``--cpu_paths on`` turns ours on for a GPU run too, ``off`` turns them off on CPU.
 """
 
