@@ -170,28 +170,72 @@ def test_fused_loss_under_autocast_uses_bf16_matmuls_and_fp32_softmax():
 # --- a whole tiny training step ------------------------------------------------------------------------------------
 
 
-def test_varlen_attention_runs_in_bf16_under_autocast():
-    model = tiny_lora_model()
-    batch = packed_batch()
-    seen = []
-    sdpa = F.scaled_dot_product_attention
-
-    def spy(query, key, value, **kwargs):
-        out = sdpa(query, key, value, **kwargs)
-        seen.append(out.dtype)
-        return out
-
+def attention_calls(model, batch, monkeypatch, autocast: bool) -> tuple[list, list]:
+    """(dtypes of the sdpa outputs, dtypes of the matmul-attention outputs) of one forward of the packed batch."""
     import medtrain.attention as attention
 
-    original = attention.F.scaled_dot_product_attention
-    attention.F.scaled_dot_product_attention = spy
-    try:
-        with torch.autocast("cpu", dtype=BF16):
-            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    finally:
-        attention.F.scaled_dot_product_attention = original
-    # one call per packed sequence per layer (5 sequences, 2 layers), all bf16
-    assert len(seen) == 10 and set(seen) == {BF16}
+    sdpa_out, matmul_out = [], []
+    sdpa, matmul = F.scaled_dot_product_attention, attention._matmul_attention
+
+    def spy_sdpa(*args, **kwargs):
+        out = sdpa(*args, **kwargs)
+        sdpa_out.append(out.dtype)
+        return out
+
+    def spy_matmul(*args, **kwargs):
+        out = matmul(*args, **kwargs)
+        matmul_out.append((out.dtype, args[0].shape[2]))
+        return out
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy_sdpa)
+    monkeypatch.setattr(attention, "_matmul_attention", spy_matmul)
+    with torch.autocast("cpu", dtype=BF16, enabled=autocast):
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    return sdpa_out, matmul_out
+
+
+@pytest.mark.parametrize("weights", [torch.float32, BF16])
+def test_varlen_attention_runs_bf16_segments_as_matmuls_and_long_ones_through_sdpa(weights, monkeypatch):
+    import medtrain.attention as attention
+
+    model, batch = tiny_lora_model(dtype=weights), packed_batch()
+    # under autocast (fp32 weights leave the queries fp32 after the rotary embedding; bf16 weights make them bf16)
+    # every packed sequence (9, 14, 7 | 20, 10 tokens) of both layers runs as bf16 matmuls, none through sdpa
+    sdpa_out, matmul_out = attention_calls(model, batch, monkeypatch, autocast=True)
+    assert sdpa_out == [] and len(matmul_out) == 10 and {dtype for dtype, _ in matmul_out} == {BF16}
+    # segments above the key limit go to sdpa (which autocast lowers to bf16), the others stay matmuls
+    monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_KEYS", 10)
+    sdpa_out, matmul_out = attention_calls(model, batch, monkeypatch, autocast=True)
+    assert sdpa_out == [BF16] * 4 and sorted(n for _, n in matmul_out) == [7, 7, 9, 9, 10, 10]
+
+
+def test_varlen_attention_in_fp32_runs_sdpa(monkeypatch):
+    sdpa_out, matmul_out = attention_calls(tiny_lora_model(), packed_batch(), monkeypatch, autocast=False)
+    assert sdpa_out == [torch.float32] * 10 and matmul_out == []
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (9, 3)])
+@pytest.mark.parametrize("length,prefix", [(1, 0), (13, 0), (6, 9), (11, 4)])
+def test_matmul_attention_equals_sdpa(heads, kv_heads, length, prefix):
+    """Outputs and gradients of the bmm -> softmax -> bmm attention against sdpa with the same mask: exact in fp32
+    (GQA grouping, bottom-right causal mask after a shared prefix), within bf16 rounding in bf16."""
+    from medtrain.attention import _matmul_attention
+
+    generator = torch.Generator().manual_seed(heads * 100 + length * 10 + prefix)
+    q = torch.randn(1, heads, length, 16, generator=generator).requires_grad_()
+    k, v = (torch.randn(1, kv_heads, prefix + length, 16, generator=generator).requires_grad_() for _ in range(2))
+    grad_out = torch.randn(1, heads, length, 16, generator=generator)
+    allowed = torch.ones(length, prefix + length, dtype=torch.bool).tril(prefix)
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    reference_grads = torch.autograd.grad(reference, (q, k, v), grad_out)
+    for dtype, tolerance in ((torch.float32, 1e-5), (BF16, 5e-2)):
+        out = _matmul_attention(q, k, v, None, dtype)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
+        assert out.dtype == dtype and out.shape == reference.shape
+        torch.testing.assert_close(out.float(), reference, atol=tolerance, rtol=tolerance)
+        for grad, expected in zip(grads, reference_grads):
+            assert grad.dtype == torch.float32  # the inputs' dtype: the casts are differentiated through
+            torch.testing.assert_close(grad, expected, atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("mode", ["autocast", "bf16_weights+autocast"])
@@ -217,3 +261,4 @@ def test_bf16_training_step_matches_fp32_loss_and_gradients_flow(mode):
         assert grad.abs().sum() > 0, name
         cos = F.cosine_similarity(grad.flatten(), grads32[name].flatten(), dim=0)
         assert cos > 0.98, (name, cos.item())
+
