@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from trl import SFTTrainer
 
+from .modeling import last_positions
 from .tokenization import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -179,7 +180,8 @@ class EfficientSFTTrainer(SFTTrainer):
                                         num_items_in_batch=num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         labels = inputs.pop("labels")
-        kwargs = dict(inputs, use_cache=False, logits_to_keep=1)
+        # the model's own logits are not used: one position, as an index tensor (see last_positions)
+        kwargs = dict(inputs, use_cache=False, logits_to_keep=last_positions(labels.shape[1], 1, labels.device))
         if self.aux_loss_enabled:
             kwargs["output_router_logits"] = True
         self._hidden = None

@@ -219,6 +219,18 @@ def upcast_trainable(model: Any) -> int:
     return count
 
 
+def last_positions(length: int, count: int, device: torch.device | str) -> torch.Tensor:
+    """``logits_to_keep`` for a causal LM's forward that computes the LM head on the last ``count`` of ``length``
+    positions only: a 1-D index tensor (a form transformers' ``logits_to_keep`` documents), not the int ``count``.
+
+    An int makes the model slice ``hidden[:, -count:, :]``, a non-contiguous view; ``F.linear`` on it goes through
+    matmul's batched path, which expands the (vocab, hidden) weight to one copy per row when it is bf16. For SmolLM2 at
+    batch 4 that is a 226 MB copy and 427 ms per forward (1 thread, AMD EPYC), against 7.7 ms for the same logits from
+    the gathered, contiguous rows an index tensor gives (fp32: 42 -> 19 ms; 65 positions: 524 -> 84 ms bf16).
+    """
+    return torch.arange(length - count, length, device=device)
+
+
 def count_parameters(model: Any) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -262,3 +262,25 @@ def test_bf16_training_step_matches_fp32_loss_and_gradients_flow(mode):
         cos = F.cosine_similarity(grad.flatten(), grads32[name].flatten(), dim=0)
         assert cos > 0.98, (name, cos.item())
 
+
+def test_last_positions_keeps_the_same_logits_and_the_lm_head_is_one_matmul():
+    """logits_to_keep as an index tensor: the logits of the int form, and under bf16 the LM head is one ``mm`` over the
+    gathered rows (the int form's strided slice makes matmul copy the head weight once per row into a ``bmm``)."""
+    from medtrain.modeling import last_positions
+
+    model = tiny_lora_model(dtype=BF16).eval()  # eval: attention runs sdpa, so a bmm can only come from the head
+    batch = packed_batch()
+    length = batch["input_ids"].shape[1]
+    assert last_positions(length, 3, "cpu").tolist() == [length - 3, length - 2, length - 1]
+
+    def head_ops(keep):
+        with torch.autocast("cpu", dtype=BF16), torch.profiler.profile() as prof:
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                           logits_to_keep=keep).logits
+        return logits, [e.name for e in prof.events() if e.name in ("aten::mm", "aten::bmm")]
+
+    by_int, int_ops = head_ops(3)
+    by_index, index_ops = head_ops(last_positions(length, 3, "cpu"))
+    torch.testing.assert_close(by_index, by_int, atol=0, rtol=0)
+    assert by_index.shape[:2] == (batch["input_ids"].shape[0], 3)
+    assert "aten::bmm" in int_ops and "aten::bmm" not in index_ops, (int_ops, index_ops)

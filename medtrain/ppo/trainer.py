@@ -56,6 +56,7 @@ from transformers import GenerationConfig, get_scheduler
 
 from medtrain.checkpoints import latest_complete_checkpoint, write_marker
 from medtrain.errors import ConfigError, UserError
+from medtrain.modeling import last_positions
 from medtrain.resilience import (
     NONFINITE_MODES,
     STOP,
@@ -164,12 +165,12 @@ def response_logits(
     policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int
 ) -> torch.Tensor:
     """Logits at positions ``P-1 .. P+R-2``, which predict the ``R`` response tokens of ``[prompt | response]``."""
-    # logits_to_keep=R+1 computes the LM head only on the tail: prompts can be much longer than responses.
+    # The LM head only on the last R+1 positions: prompts can be much longer than responses.
     output = policy(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=response_length + 1,
+        logits_to_keep=last_positions(input_ids.shape[1], response_length + 1, input_ids.device),
         use_cache=False,
     )
     return output.logits[:, :-1]
