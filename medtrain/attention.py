@@ -197,22 +197,42 @@ def varlen_attention_forward(
     if (segments is None and module.training and position_ids is not None and seq_len > 1
             and key.shape[2] == seq_len and position_ids.shape[-1] == seq_len):
         segments = [[(s, e, s, 0) for s, e in row] for row in packed_segments(position_ids.expand(query.shape[0], -1))]
-        if all(len(row) == 1 for row in segments):
-            segments = None
+        if all(len(row) == 1 for row in segments) and not _matmul_attention_applies(query, seq_len, dropout):
+            segments = None  # one causal sdpa call over the batch does the same work
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)
-    # enable_gqa reads the shared key/value heads in place: no repeated copies kept for backward. The output is joined
-    # with one cat (its backward hands each piece a view of the gradient), not written into slices of an empty
-    # tensor (each slice assignment's backward clones the whole gradient: 1 GB of copies per SFT bench step).
+    # enable_gqa reads the shared key/value heads in place: no repeated copies kept for backward. Rows are taken with
+    # unbind and cut into pieces with split, and the output is joined with one cat: the backward of each is one
+    # stack/cat of the gradients. (Each slice of the inputs costs a zero-filled full-size gradient and an add in
+    # backward; each slice assignment into an empty output clones the whole gradient: 1 GB of copies per SFT bench
+    # step.)
     gqa = query.shape[1] != key.shape[1]
-    pieces = [
-        _segment_attention(query[b:b + 1], key[b:b + 1], value[b:b + 1], segment, dropout, scaling, gqa)[0]
-        .transpose(0, 1)  # (l, H, D)
-        for b, row in enumerate(segments) for segment in row
-    ]
+    pieces = []
+    for q_row, k_row, v_row, row in zip(query.unbind(0), key.unbind(0), value.unbind(0), segments):
+        cuts = sorted({0, seq_len}.union(*((s, e, p, p + n) for s, e, p, n in row)))
+        qs, ks, vs = (_split_at(x, cuts) for x in (q_row, k_row, v_row))
+        pieces += [_segment_attention(qs, ks, vs, segment, dropout, scaling, gqa)[0].transpose(0, 1)  # (l, H, D)
+                   for segment in row]
     out = torch.cat(pieces).view(query.shape[0], seq_len, query.shape[1], value.shape[-1])  # (B, L, H, D)
     return out, None
+
+
+class _Pieces(dict):
+    """The pieces of one row's (heads, length, dim) tensor cut at sorted positions: {start: piece}, plus ``span``."""
+
+    def span(self, start: int, end: int) -> torch.Tensor:
+        """Positions [start, end) as a (1, heads, end - start, dim) tensor (a view when they are one piece)."""
+        parts = []
+        while start < end:
+            parts.append(self[start])
+            start += parts[-1].shape[1]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).unsqueeze(0)
+
+
+def _split_at(row: torch.Tensor, cuts: list[int]) -> _Pieces:
+    sizes = [end - start for start, end in zip(cuts[:-1], cuts[1:])]
+    return _Pieces(zip(cuts[:-1], row.split(sizes, dim=1)))
 
 
 # bf16 segments with at most this many keys run as two batched matmuls around a softmax (:func:`_matmul_attention`):
@@ -225,17 +245,15 @@ def varlen_attention_forward(
 MATMUL_ATTENTION_MAX_KEYS = 512
 
 
-def _segment_attention(query, key, value, segment: Segment, dropout: float, scaling: float | None, gqa: bool):
+def _segment_attention(query: _Pieces, key: _Pieces, value: _Pieces, segment: Segment, dropout: float,
+                       scaling: float | None, gqa: bool) -> torch.Tensor:
     """Attention of one segment's queries: causal within the segment, after its shared prefix (if any)."""
     start, end, prefix_start, prefix_len = segment
-    q = query[:, :, start:end]
-    if prefix_len == 0:
-        k, v = key[:, :, start:end], value[:, :, start:end]
-    else:
-        prefix = slice(prefix_start, prefix_start + prefix_len)
-        k = torch.cat([key[:, :, prefix], key[:, :, start:end]], dim=2)
-        v = torch.cat([value[:, :, prefix], value[:, :, start:end]], dim=2)
-    if _computes_in_bf16_on_cpu(q) and dropout == 0.0 and k.shape[2] <= MATMUL_ATTENTION_MAX_KEYS:
+    q, k, v = query.span(start, end), key.span(start, end), value.span(start, end)
+    if prefix_len:
+        prefix = (prefix_start, prefix_start + prefix_len)
+        k, v = torch.cat([key.span(*prefix), k], dim=2), torch.cat([value.span(*prefix), v], dim=2)
+    if _matmul_attention_applies(q, k.shape[2], dropout):
         return _matmul_attention(q, k, v, scaling)
     if prefix_len == 0:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=end - start > 1,
@@ -244,6 +262,10 @@ def _segment_attention(query, key, value, segment: Segment, dropout: float, scal
     allowed = torch.ones(end - start, prefix_len + end - start, dtype=torch.bool, device=q.device).tril(prefix_len)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling,
                                           enable_gqa=gqa)
+
+
+def _matmul_attention_applies(q: torch.Tensor, keys: int, dropout: float) -> bool:
+    return _computes_in_bf16_on_cpu(q) and dropout == 0.0 and keys <= MATMUL_ATTENTION_MAX_KEYS
 
 
 def _computes_in_bf16_on_cpu(q: torch.Tensor) -> bool:
