@@ -75,24 +75,39 @@ def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: tor
 _local = threading.local()
 
 
-def _masked(keep: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x * keep`` (as ``nn.Dropout`` masks, before its scale), written into ``out`` when given (``out`` may be ``x``).
+def _scratch(name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread CPU buffer shaped like ``like``, grown to the largest size seen: a fresh multi-MB tensor per call
+    costs more in page faults (and, with malloc keeping freed memory, in fragmentation) than the work done in it."""
+    buffer = getattr(_local, name, None)
+    if buffer is None or buffer.dtype != dtype or buffer.numel() < like.numel():
+        buffer = torch.empty(like.numel(), dtype=dtype)
+        setattr(_local, name, buffer)
+    return buffer[: like.numel()].view(like.shape)
 
-    The boolean mask is read as its uint8 bytes: on CPU a product with a uint8 tensor runs 2.8x faster than
-    ``where(keep, x, 0)`` or a product with the bool tensor (bf16, 2048 x 576, 1 thread: 0.37 ms against 1.06/1.65 ms).
+
+def _masked_into(out: torch.Tensor, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out = x * keep`` (as ``nn.Dropout`` masks, before its scale); ``out`` must not overlap ``x``.
+
+    The mask's bytes are written into ``out`` and multiplied by ``x`` in place. On CPU (bf16, 2048 x 576, 1 thread)
+    that takes 0.35 ms against 1.0 ms for ``where(keep, x, 0)`` and 1.6 ms for a product with the bool tensor; a
+    product with the uint8 view is as fast but allocates a cast of the mask on every call, which raised the SFT
+    bench's peak RSS by 0.3 GB.
     """
-    return torch.mul(x, keep.view(torch.uint8), out=out)
+    return out.copy_(keep.view(torch.uint8)).mul_(x)
 
 
 def _dropped(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``x * keep`` for an immediate matmul: on CPU written into a per-thread scratch buffer (grown to the
-    largest input seen), since a fresh multi-MB tensor costs more in page faults than the product itself."""
+    """``x * keep`` for an immediate matmul (on CPU in a per-thread scratch buffer)."""
     if x.device.type != "cpu":
-        return _masked(keep, x)
-    scratch = getattr(_local, "scratch", None)
-    if scratch is None or scratch.dtype != x.dtype or scratch.numel() < x.numel():
-        scratch = _local.scratch = torch.empty(x.numel(), dtype=x.dtype)
-    return _masked(keep, x, out=scratch[: x.numel()].view(x.shape))
+        return x * keep
+    return _masked_into(_scratch("dropped", x, x.dtype), keep, x)
+
+
+def _mask_in_place(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x *= keep`` (on CPU through a per-thread buffer holding the mask in ``x``'s dtype)."""
+    if x.device.type != "cpu":
+        return x.mul_(keep)
+    return x.mul_(_scratch("mask", x, x.dtype).copy_(keep.view(torch.uint8)))
 
 
 def branch_dtype(x: torch.Tensor, weight_a: torch.Tensor) -> torch.dtype:
@@ -160,7 +175,7 @@ class LoraBranch(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_x = grad_xa @ a
                 if keep is not None:  # in place: grad_x is a fresh product
-                    _masked(keep, grad_x, out=grad_x)
+                    _mask_in_place(keep, grad_x)
                 grad_x = grad_x.view(ctx.x_shape).to(flat_x.dtype)
         return grad_result, grad_x, grad_a, grad_b, None, None, None
 
@@ -169,8 +184,9 @@ def _branch_input(keep: torch.Tensor | None, flat_x: torch.Tensor, dtype: torch.
     """The dropped input in ``dtype`` for an immediate matmul (a scratch buffer when no cast is needed)."""
     if flat_x.dtype == dtype:
         return flat_x if keep is None else _dropped(keep, flat_x)
-    cast = flat_x.to(dtype)  # a fresh tensor: mask it in place
-    return cast if keep is None else _masked(keep, cast, out=cast)
+    if keep is None:
+        return flat_x.to(dtype)
+    return _masked_into(torch.empty(flat_x.shape, dtype=dtype, device=flat_x.device), keep, flat_x)
 
 
 class FusedLoraLinear(lora_layer.Linear):
