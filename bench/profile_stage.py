@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--stage", choices=sorted(SCRIPTS), required=True)
     parser.add_argument("--step", type=int, default=2, help="which training step to profile (1-based)")
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--shapes", type=int, default=0, help="also list the N costliest ops by input shape")
     args = parser.parse_args(own)
 
     import torch
@@ -48,9 +49,11 @@ def main() -> None:
         seen[0] += 1
         if seen[0] != args.step:
             return original(self, *a, **k)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes > 0) as prof:
             out = original(self, *a, **k)
         result["events"] = prof.key_averages()
+        if args.shapes:
+            result["shapes"] = prof.key_averages(group_by_input_shape=True)
         return out
 
     transformers.Trainer.training_step = training_step
@@ -62,6 +65,11 @@ def main() -> None:
         raise SystemExit(f"error: the run took {seen[0]} training steps, fewer than --step {args.step}")
     top_ops(result["events"], f"\nprofile of {args.stage} step {args.step} (torch threads {torch.get_num_threads()})",
             args.top)
+    if args.shapes:
+        print(f"\nthe {args.shapes} costliest ops by input shape:")
+        for event in sorted(result["shapes"], key=lambda e: -e.self_cpu_time_total)[:args.shapes]:
+            print(f"  {event.key[:40]:40} {event.count:6d} calls {event.self_cpu_time_total / 1000:9.1f} ms  "
+                  f"{event.input_shapes}")
     print(f"environment: {json.dumps(environment())}")
 
 
