@@ -216,10 +216,15 @@ def test_varlen_attention_in_fp32_runs_sdpa(monkeypatch):
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (9, 3)])
 @pytest.mark.parametrize("length,prefix", [(1, 0), (13, 0), (6, 9), (11, 4)])
-def test_matmul_attention_equals_sdpa(heads, kv_heads, length, prefix):
+@pytest.mark.parametrize("scores_per_block", [1 << 19, 100])
+def test_matmul_attention_equals_sdpa(heads, kv_heads, length, prefix, scores_per_block, monkeypatch):
     """Outputs and gradients of the bmm -> softmax -> bmm attention against sdpa with the same mask: exact in fp32
-    (GQA grouping, bottom-right causal mask after a shared prefix), within bf16 rounding in bf16."""
+    (GQA grouping, bottom-right causal mask after a shared prefix, queries cut into blocks), within bf16 rounding in
+    bf16."""
+    import medtrain.attention as attention
     from medtrain.attention import _matmul_attention
+
+    monkeypatch.setattr(attention, "SCORES_PER_BLOCK", scores_per_block)  # 100: 2-12 blocks of queries here
 
     generator = torch.Generator().manual_seed(heads * 100 + length * 10 + prefix)
     q = torch.randn(1, heads, length, 16, generator=generator).requires_grad_()
