@@ -254,3 +254,21 @@ def test_zero3_turns_fusion_off(monkeypatch):
     model = tiny_peft_model(dropout=0.1)
     assert fuse_lora_layers(model) == 0
     assert not any(type(m) is FusedLoraLinear for m in model.modules())
+
+
+@pytest.mark.parametrize("x_dtype,dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_dropped_input_is_the_input_times_the_mask_in_the_branch_dtype(x_dtype, dtype):
+    """The masked input the branch multiplies by A (forward, and rebuilt in backward) for every dtype pairing that
+    autocast and a bf16 base with fp32 adapters produce: exactly ``x.to(dtype) * keep``, twice in a row (the
+    per-thread buffers are reused, not read stale)."""
+    from medtrain.fused_lora import _branch_input, _mask_in_place
+
+    generator = torch.Generator().manual_seed(3)
+    for rows in (64, 40):  # a smaller second input reuses the first one's buffers
+        x = torch.randn(rows, 48, generator=generator).to(x_dtype)
+        keep = dropout_keep_mask(x.shape, 0.3, x.device)
+        expected = x.to(dtype) * keep
+        assert torch.equal(_branch_input(keep, x, dtype), expected)
+        grad = torch.randn(rows, 48, generator=generator).to(dtype)
+        assert torch.equal(_mask_in_place(keep, grad.clone()), grad * keep)
