@@ -21,6 +21,7 @@ import numpy as np
 from transformers import AutoConfig, Trainer, TrainingArguments
 
 from medtrain.arguments import LoraArguments, ModelArguments, RunArguments, finalize, parse_args
+from medtrain.attention import register_varlen_attention
 from medtrain.entrypoint import run_main
 from medtrain.errors import UserError
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
@@ -113,6 +114,10 @@ def main(args: list[str] | None = None) -> Trainer:
     # Model (+ LoRA). New vocabulary rows are useless unless trained: with LoRA, train the embeddings in full.
     resized = len(tokenizer) > getattr(config, "vocab_size", len(tokenizer))
     model = load_model(model_args, tokenizer=tokenizer, max_length=block_size)  # max_length: --rope_scaling factor
+    if model_args.cpu_paths == "on" and model.config._attn_implementation == "sdpa":
+        # our attention function: blocks of <= 512 tokens without padding run as bf16 matmuls when the step is bf16
+        # (torch's CPU flash kernel is slow in bf16); everything else still goes to sdpa
+        model.set_attn_implementation(register_varlen_attention())
     if lora_args.use_peft:
         extra = []
         if resized:

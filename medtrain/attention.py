@@ -197,8 +197,11 @@ def varlen_attention_forward(
     if (segments is None and module.training and position_ids is not None and seq_len > 1
             and key.shape[2] == seq_len and position_ids.shape[-1] == seq_len):
         segments = [[(s, e, s, 0) for s, e in row] for row in packed_segments(position_ids.expand(query.shape[0], -1))]
-        if all(len(row) == 1 for row in segments) and not _matmul_attention_applies(query, seq_len, dropout):
-            segments = None  # one causal sdpa call over the batch does the same work
+        # Rows of one sequence each: one causal sdpa call over the batch does the same work, unless the rows run as
+        # bf16 matmuls; those ignore masks, so only when transformers needed none (no padding: plain causal rows).
+        if all(len(row) == 1 for row in segments) and not (
+                attention_mask is None and _matmul_attention_applies(query, seq_len, dropout)):
+            segments = None
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)

@@ -209,6 +209,34 @@ def test_varlen_attention_runs_bf16_segments_as_matmuls_and_long_ones_through_sd
     assert sdpa_out == [BF16] * 4 and sorted(n for _, n in matmul_out) == [7, 7, 9, 9, 10, 10]
 
 
+def test_bf16_rows_of_one_sequence_run_as_matmuls_only_without_padding(monkeypatch):
+    """Rows holding one sequence each (PT blocks): bf16 matmuls per row when transformers built no mask, one sdpa call
+    over the batch when the rows are padded (the matmul path ignores masks)."""
+    import medtrain.attention as attention
+
+    model = tiny_lora_model(dtype=BF16)
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    position_ids = torch.arange(12)[None].expand(2, -1)
+    seen = {"sdpa": 0, "matmul": 0}
+    sdpa, matmul = F.scaled_dot_product_attention, attention._matmul_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *a, **k: seen.__setitem__("sdpa", seen["sdpa"] + 1) or sdpa(*a, **k))
+    monkeypatch.setattr(attention, "_matmul_attention",
+                        lambda *a, **k: seen.__setitem__("matmul", seen["matmul"] + 1) or matmul(*a, **k))
+    padded = torch.ones(2, 12, dtype=torch.long)
+    padded[1, 9:] = 0
+    outputs = {}
+    for name, mask in (("full", torch.ones(2, 12, dtype=torch.long)), ("padded", padded)):
+        seen.update(sdpa=0, matmul=0)
+        with torch.autocast("cpu", dtype=BF16):
+            outputs[name] = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+        outputs[name + " calls"] = dict(seen)
+    assert outputs["full calls"] == {"sdpa": 0, "matmul": 4}  # 2 rows x 2 layers
+    assert outputs["padded calls"] == {"sdpa": 2, "matmul": 0}  # one call per layer over the batch
+    # the unpadded row computes the same either way, within bf16 rounding
+    torch.testing.assert_close(outputs["padded"][0].float(), outputs["full"][0].float(), atol=0.05, rtol=0.05)
+
+
 def test_varlen_attention_in_fp32_runs_sdpa(monkeypatch):
     sdpa_out, matmul_out = attention_calls(tiny_lora_model(), packed_batch(), monkeypatch, autocast=False)
     assert sdpa_out == [torch.float32] * 10 and matmul_out == []

@@ -220,3 +220,26 @@ def test_qlora_reward_model_computes_in_bf16_and_trains_its_score_head_in_fp32(t
     trainable = {n: p.dtype for n, p in bf16.model.named_parameters() if p.requires_grad}
     assert any("score" in n for n in trainable) and set(trainable.values()) == {torch.float32}
     assert_close_not_equal(first_step(bf16), first_step(fp32), ["loss"])
+
+
+@pytest.mark.parametrize("stage", ["pt", "sft"])
+def test_packed_pt_and_sft_run_attention_as_bf16_matmuls_on_a_fast_bf16_cpu(stage, tiny_dir, tmp_path,  # noqa: F811
+                                                                           monkeypatch):
+    """The bf16 default sends packed rows' attention through the matmul path (torch's CPU flash kernel is slow in
+    bf16); fp32 and ``--cpu_paths off`` keep sdpa."""
+    import medtrain.attention as attention
+
+    calls = []
+    matmul = attention._matmul_attention
+    monkeypatch.setattr(attention, "_matmul_attention", lambda *a, **k: calls.append(a[0].shape) or matmul(*a, **k))
+    data = write_data(stage, tmp_path / "data")
+    common = ["--max_steps", 1, "--per_device_train_batch_size", 2, "--packing", "True"]
+    runs = {}
+    for name, fast_bf16, extra in (("fp32", False, []), ("bf16", True, []), ("off", True, ["--cpu_paths", "off"])):
+        calls.clear()
+        trainer = run_stage(stage, monkeypatch, fast_bf16, *stage_args(stage, tiny_dir, data, tmp_path / name,
+                                                                      *common, *extra))
+        runs[name] = (trainer.model.config._attn_implementation, len(calls))
+    assert runs["fp32"] == ("varlen_sdpa", 0)
+    assert runs["bf16"][0] == "varlen_sdpa" and runs["bf16"][1] > 0
+    assert runs["off"] == ("sdpa", 0)
