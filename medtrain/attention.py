@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .fused_lora import branch_dtype
 
 S2_ATTENTION = "s2_sdpa"
 # Decoder families whose attention modules call the attention interface with (batch, heads, seq, dim) tensors.
@@ -269,17 +270,11 @@ def _segment_attention(query: _Pieces, key: _Pieces, value: _Pieces, segment: Se
 
 
 def _matmul_attention_applies(q: torch.Tensor, keys: int, dropout: float) -> bool:
-    return _computes_in_bf16_on_cpu(q) and dropout == 0.0 and keys <= MATMUL_ATTENTION_MAX_KEYS
-
-
-def _computes_in_bf16_on_cpu(q: torch.Tensor) -> bool:
-    """True when sdpa would compute in bf16 on CPU: bf16 inputs, or any inputs under bf16 autocast (fp32 weights with
-    ``--bf16 True``: the rotary embedding leaves the queries fp32, and autocast lowers sdpa to bf16)."""
-    if q.device.type != "cpu":
-        return False
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu") == torch.bfloat16
-    return q.dtype == torch.bfloat16
+    """A CPU segment whose attention computes in bf16 (bf16 inputs, or any inputs under bf16 autocast: fp32 weights
+    with ``--bf16 True`` leave the queries fp32 after the rotary embedding, and autocast lowers sdpa to bf16), without
+    dropout and with at most :data:`MATMUL_ATTENTION_MAX_KEYS` keys. The dtype rule is the fused LoRA branch's."""
+    return (q.device.type == "cpu" and branch_dtype(q, q) == torch.bfloat16 and dropout == 0.0
+            and keys <= MATMUL_ATTENTION_MAX_KEYS)
 
 
 # The matmul path computes the scores of at most this many (head, query, key) triples at once: longer segments are cut
