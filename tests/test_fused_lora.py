@@ -11,8 +11,10 @@ from peft.tuners.lora import layer as lora_layer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import MERGE_ATOL
-from medtrain.fused_lora import (FusedLoraLinear, LoraBranch, dropout_keep_mask, fuse_lora_layers, keep_from_bits,
-                                 keep_threshold, unfuse_lora_layers)
+from medtrain import fused_lora
+from medtrain.fused_lora import (SPARSE_MAX_P, FusedLoraLinear, LoraBranch, draw_dropout, dropout_keep_mask,
+                                 dropped_positions, fuse_lora_layers, keep_from_bits, keep_scale, keep_threshold,
+                                 unfuse_lora_layers)
 
 
 def tiny_peft_model(dropout: float, seed: int = 0, **lora_kwargs) -> torch.nn.Module:
@@ -76,6 +78,46 @@ def test_keep_threshold_and_mask_statistics():
     assert dropout_keep_mask((3, 5), 0.5, torch.device("cpu")).shape == (3, 5)
 
 
+def test_dropped_positions_are_bernoulli_and_do_not_depend_on_how_many_gaps_were_drawn(monkeypatch):
+    torch.manual_seed(0)
+    n, p = 400_000, 0.05
+    first = dropped_positions(n, p, torch.device("cpu"))
+    second = dropped_positions(n, p, torch.device("cpu"))
+    for drops in (first, second):
+        assert drops.dtype == torch.int64
+        assert int(drops[0]) >= 0 and int(drops[-1]) < n and bool((drops.diff() > 0).all())  # sorted, unique, inside
+        assert abs(drops.numel() / n - p) < 5 * math.sqrt(p * (1 - p) / n)
+    a, b = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    a[first], b[second] = True, True
+    # fresh draws per call, independent of each other: P(both dropped) = p^2
+    assert abs((a & b).float().mean().item() - p**2) < 5 * math.sqrt(p**2 * (1 - p**2) / n)
+    # neighbours independent (geometric gaps): P(next one dropped too) = p; the first position is as likely as any
+    assert abs((a[1:] & a[:-1]).float().mean().item() - p**2) < 5 * math.sqrt(p**2 * (1 - p**2) / n)
+    starts = torch.tensor([int(dropped_positions(40, 0.25, torch.device("cpu"))[0]) == 0 for _ in range(4000)])
+    assert abs(starts.float().mean().item() - 0.25) < 5 * math.sqrt(0.25 * 0.75 / 4000)
+    # a first draw short of the end is continued from where it stopped: the same positions as one long draw
+    torch.manual_seed(1)
+    whole = dropped_positions(50_000, 0.1, torch.device("cpu"))
+    monkeypatch.setattr(fused_lora, "_first_draw", lambda numel, p: 7)
+    torch.manual_seed(1)
+    assert torch.equal(dropped_positions(50_000, 0.1, torch.device("cpu")), whole)
+    monkeypatch.undo()
+    assert dropped_positions(0, 0.1, torch.device("cpu")).numel() == 0
+    # the draw and the scale by rate: positions up to SPARSE_MAX_P, the dense 16-bit mask above
+    assert draw_dropout((3, 5), SPARSE_MAX_P, torch.device("cpu")).dtype == torch.int64
+    assert draw_dropout((3, 5), 0.2, torch.device("cpu")).dtype == torch.bool
+    assert keep_scale(0.05) == 1 / 0.95 and keep_scale(0.5) == 2.0 and keep_scale(0.3) == 2**16 / (2**16 - 19661)
+
+
+def keep_mask(drop: torch.Tensor, shape) -> torch.Tensor:
+    """The boolean keep-mask of a draw (dense masks as they are; positions -> all kept but those)."""
+    if drop.dtype == torch.bool:
+        return drop.view(shape)
+    keep = torch.ones(math.prod(shape), dtype=torch.bool)
+    keep[drop] = False
+    return keep.view(shape)
+
+
 def test_no_dropout_matches_peft_outputs_and_gradients():
     reference = tiny_peft_model(dropout=0.0)
     fused = tiny_peft_model(dropout=0.0)
@@ -90,12 +132,11 @@ def test_no_dropout_matches_peft_outputs_and_gradients():
 
 def reference_branch(result, x, weight_a, weight_b, scaling, keep, p):
     """The textbook LoRA branch with an explicit inverted-dropout mask."""
-    scale = 1 / (1 - keep_threshold(p) / 2**16)
-    dropped = x * keep.view(x.shape).to(x.dtype) * scale
+    dropped = x * keep.view(x.shape).to(x.dtype) * keep_scale(p)
     return result + (dropped @ weight_a.t() @ weight_b.t()) * scaling
 
 
-@pytest.mark.parametrize("p,in_place", [(0.05, True), (0.5, True), (0.5, False)])
+@pytest.mark.parametrize("p,in_place", [(0.05, True), (0.1, False), (0.5, True), (0.5, False)])
 def test_dropout_branch_matches_reference_with_the_same_mask(p, in_place):
     gen = torch.Generator().manual_seed(3)
     result = torch.randn(2, 7, 12, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -111,7 +152,7 @@ def test_dropout_branch_matches_reference_with_the_same_mask(p, in_place):
     assert (out.data_ptr() == base_out.data_ptr()) is in_place
     grads = torch.autograd.grad(out, (result, x, weight_a, weight_b), grad_out)
     torch.manual_seed(11)
-    keep = dropout_keep_mask((14, 10), p, x.device)  # the mask the branch drew
+    keep = keep_mask(draw_dropout((14, 10), p, x.device), (14, 10))  # the draw the branch made
     assert 0 < keep.sum() < keep.numel()
     expected = reference_branch(result, x, weight_a, weight_b, 2.0, keep, p)
     expected_grads = torch.autograd.grad(expected, (result, x, weight_a, weight_b), grad_out)
@@ -120,21 +161,25 @@ def test_dropout_branch_matches_reference_with_the_same_mask(p, in_place):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
 
 
-def test_dropout_branch_passes_gradcheck():
+@pytest.mark.parametrize("p", [0.1, 0.3])  # dropped positions, dense mask
+def test_dropout_branch_passes_gradcheck(p):
     gen = torch.Generator().manual_seed(4)
     args = [torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)
             for s in ((3, 6), (3, 5), (2, 5), (6, 2))]
+    torch.manual_seed(0)
+    assert 0 < (~keep_mask(draw_dropout((3, 5), p, torch.device("cpu")), (3, 5))).sum() < 15
 
     def fn(result, x, weight_a, weight_b):
-        torch.manual_seed(0)  # the same mask on every evaluation
-        return LoraBranch.apply(result * 1.0, x, weight_a, weight_b, 1.5, 0.3)
+        torch.manual_seed(0)  # the same draw on every evaluation
+        return LoraBranch.apply(result * 1.0, x, weight_a, weight_b, 1.5, p)
 
     assert torch.autograd.gradcheck(fn, args)
 
 
-def test_dropout_model_is_unbiased_and_off_in_eval():
-    fused = tiny_peft_model(dropout=0.3)
-    reference = tiny_peft_model(dropout=0.3)
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_dropout_model_is_unbiased_and_off_in_eval(p):
+    fused = tiny_peft_model(dropout=p)
+    reference = tiny_peft_model(dropout=p)
     fuse_lora_layers(fused)
     fused.eval()
     reference.eval()
@@ -156,9 +201,10 @@ def test_dropout_model_is_unbiased_and_off_in_eval():
     assert error < 6 * draws.std(0).max().item() / math.sqrt(4000)
 
 
-def test_gradient_checkpointing_replays_the_same_mask():
-    plain = tiny_peft_model(dropout=0.2)
-    checkpointed = tiny_peft_model(dropout=0.2)
+@pytest.mark.parametrize("p", [0.05, 0.2])  # dropped positions, dense mask
+def test_gradient_checkpointing_replays_the_same_mask(p):
+    plain = tiny_peft_model(dropout=p)
+    checkpointed = tiny_peft_model(dropout=p)
     for model in (plain, checkpointed):
         fuse_lora_layers(model)
         model.train()
@@ -207,6 +253,8 @@ def test_dora_and_bias_layers_stay_on_peft_code():
     assert layer._fused_adapter(torch.randn(2, 32), (), {}) is None  # adapter weights of two dtypes
     layer.lora_B["default"].to(torch.float32)
     assert layer._fused_adapter(torch.randn(2, 32), (), {"adapter_names": ["default"]}) is None
+    layer.lora_dropout["default"].p = 0.5 - 2**-18  # within the 16-bit threshold's resolution: rounded, fused
+    assert layer._fused_adapter(torch.randn(2, 32), (), {}) == "default"
     layer.lora_dropout["default"].p = 1 - 2**-18  # not representable by the 16-bit threshold
     assert layer._fused_adapter(torch.randn(2, 32), (), {}) is None
 
@@ -256,9 +304,10 @@ def test_zero3_turns_fusion_off(monkeypatch):
     assert not any(type(m) is FusedLoraLinear for m in model.modules())
 
 
+@pytest.mark.parametrize("p", [0.05, 0.3])  # dropped positions, dense mask
 @pytest.mark.parametrize("x_dtype,dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                            (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
-def test_dropped_input_is_the_input_times_the_mask_in_the_branch_dtype(x_dtype, dtype):
+def test_dropped_input_is_the_input_times_the_mask_in_the_branch_dtype(x_dtype, dtype, p):
     """The masked input the branch multiplies by A (forward, and rebuilt in backward) for every dtype pairing that
     autocast and a bf16 base with fp32 adapters produce: exactly ``x.to(dtype) * keep``, twice in a row (the
     per-thread buffers are reused, not read stale)."""
@@ -267,8 +316,9 @@ def test_dropped_input_is_the_input_times_the_mask_in_the_branch_dtype(x_dtype, 
     generator = torch.Generator().manual_seed(3)
     for rows in (64, 40):  # a smaller second input reuses the first one's buffers
         x = torch.randn(rows, 48, generator=generator).to(x_dtype)
-        keep = dropout_keep_mask(x.shape, 0.3, x.device)
+        drop = draw_dropout(x.shape, p, x.device)
+        keep = keep_mask(drop, x.shape)
         expected = x.to(dtype) * keep
-        assert torch.equal(_branch_input(keep, x, dtype), expected)
+        assert torch.equal(_branch_input(drop, x, dtype), expected)
         grad = torch.randn(rows, 48, generator=generator).to(dtype)
-        assert torch.equal(_mask_in_place(keep, grad.clone()), grad * keep)
+        assert torch.equal(_mask_in_place(drop, grad.clone()), grad * keep)
