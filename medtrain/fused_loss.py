@@ -81,7 +81,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             log_norm = torch.log(norm)
             loss += (log_norm - target).sum()
             correct += (target >= 0).sum()  # the target holds the max logit (ties count as hits)
-            entropy += (log_norm - torch.einsum("nv,nv->n", probs, shifted)).sum()
+            # sum_v p log p = sum_v p * shifted - log_norm; the shifted logits are not read again, so the product goes
+            # into their tile (an einsum over (n, v) runs as n skinny bmm's: 31 vs 11 ms per 512 x 49152 chunk)
+            entropy += (log_norm - shifted.mul_(probs).sum(-1)).sum()
             if grad_hidden is None and grad_weight is None and grad_bias is None:
                 continue
             probs[rows, t] -= 1.0  # d(sum CE)/d logits = softmax - one_hot
