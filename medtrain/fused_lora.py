@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from typing import Any
 
 import torch
 from peft.tuners.lora import layer as lora_layer
+
+from .scratch import scratch
 
 logger = logging.getLogger(__name__)
 
@@ -126,17 +127,9 @@ def keep_scale(p: float) -> float:
     return RESOLUTION / (RESOLUTION - keep_threshold(p))
 
 
-_local = threading.local()
-
-
 def _scratch(name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A per-thread CPU buffer shaped like ``like``, grown to the largest size seen: a fresh multi-MB tensor per call
-    costs more in page faults (and, with malloc keeping freed memory, in fragmentation) than the work done in it."""
-    buffer = getattr(_local, name, None)
-    if buffer is None or buffer.dtype != dtype or buffer.numel() < like.numel():
-        buffer = torch.empty(like.numel(), dtype=dtype)
-        setattr(_local, name, buffer)
-    return buffer[: like.numel()].view(like.shape)
+    """A per-thread CPU buffer (:func:`medtrain.scratch.scratch`) shaped like ``like``."""
+    return scratch(f"fused_lora.{name}", like.shape, dtype)
 
 
 def _masked_into(out: torch.Tensor, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from trl import SFTTrainer
 
 from .modeling import last_positions
+from .scratch import scratch
 from .tokenization import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -55,12 +56,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         # then held in fp32 for the max/exp/log-sum-exp, as transformers' loss upcasts them.
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
-        # Two (chunk, vocab) tiles reused by every chunk: a fresh 100 MB tensor per chunk costs more in page faults
-        # (malloc maps and unmaps blocks that large every time) than the exponentials computed in it.
+        # (chunk, vocab) tiles reused by every chunk, and on CPU from call to call (medtrain.scratch): a fresh 100 MB
+        # tensor costs more in page faults than the exponentials computed in it.
         tile = (min(chunk, hidden.shape[0]), weight.shape[0])
-        logits_tile = torch.empty(tile, dtype=torch.float32, device=hidden.device)
-        probs_tile = torch.empty(tile, dtype=torch.float32, device=hidden.device)
-        low_tile = torch.empty(tile, dtype=dtype, device=hidden.device) if dtype != torch.float32 else None
+        logits_tile = _tile("logits", tile, torch.float32, hidden.device)
+        probs_tile = _tile("probs", tile, torch.float32, hidden.device)
+        low_tile = _tile("low", tile, dtype, hidden.device) if dtype != torch.float32 else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
             rows = torch.arange(t.shape[0], device=t.device)
@@ -103,6 +104,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused):
         grads = [None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
         return (*grads, None, None, None, None)
+
+
+def _tile(name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return scratch(f"fused_loss.{name}", shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def loss_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -208,6 +208,34 @@ def test_linear_cross_entropy_with_bf16_weights_matches_the_float_loss():
     assert hidden.grad.dtype == torch.bfloat16 and hidden.grad.abs().sum() > 0
 
 
+def test_linear_cross_entropy_reuses_its_tiles_and_reads_nothing_stale():
+    """On CPU the (chunk, vocab) tiles are per-thread scratch buffers kept from call to call (no page faults per step):
+    a larger call, then a smaller one of other data, then the larger again give each call's own loss and gradients."""
+    from medtrain.scratch import scratch
+
+    def run(rows, seed):
+        torch.manual_seed(seed)
+        hidden = torch.randn(rows, 16, dtype=torch.bfloat16, requires_grad=True)
+        weight = torch.randn(50, 16, dtype=torch.bfloat16)
+        targets = torch.randint(0, 50, (rows,))
+        loss, correct, entropy = linear_cross_entropy(hidden, weight, None, targets, chunk=8)
+        loss.backward()
+        logits = (hidden.detach() @ weight.T).float()
+        expected = F.cross_entropy(logits, targets, reduction="sum")
+        expected_grad = ((logits.softmax(-1) - F.one_hot(targets, 50)) @ weight.float()).to(torch.bfloat16)
+        assert abs(loss.item() - expected.item()) < 1e-4 * expected.item()
+        assert correct.item() == (logits.argmax(-1) == targets).sum().item()
+        torch.testing.assert_close(hidden.grad, expected_grad, rtol=0.02, atol=0.02)
+        return loss.item()
+
+    first = run(21, 0)
+    tile = scratch("fused_loss.probs", (8, 50), torch.float32)
+    run(5, 1)
+    assert run(21, 0) == first
+    assert scratch("fused_loss.probs", (8, 50), torch.float32).data_ptr() == tile.data_ptr()  # the same memory
+    assert scratch("fused_loss.logits", (8, 50), torch.float32).data_ptr() != tile.data_ptr()  # names never alias
+
+
 # --- S2-Attn ----------------------------------------------------------------------------------------------------------
 
 
