@@ -1,4 +1,5 @@
-"""A leaner LoRA branch for PEFT's ``lora.Linear``: same math, fewer passes over memory, 1 byte/element kept for dropout.
+"""A leaner LoRA branch for PEFT's ``lora.Linear``: same math, fewer passes over memory, <= 1 byte/element kept for
+dropout.
 
 PEFT computes ``result + lora_B(lora_A(dropout(x))) * scaling``. On CPU that costs, per adapted layer and token:
 a Bernoulli draw (single-threaded, ~8 ns/element), a float noise tensor and a dropped copy of the input (both kept
@@ -16,9 +17,9 @@ memory (measured; see bench/bench_sft.py).
   copy with those positions zeroed (no mask pass, no multiply). Higher rates draw a dense mask: an element is kept
   when 16 random bits (a quarter of a 64-bit draw) reach ``round(p * 2**16)``, kept elements scaled by
   ``1 / (1 - p')`` with ``p' = round(p * 2**16) / 2**16`` (|p - p'| <= 7.7e-6). ``bernoulli_`` costs 4x the mask;
-- only the dropped positions (8 bytes per dropped element, <= 1 byte per element) or the boolean keep-mask
-  (1 byte/element) and the (tokens, r) product are saved; the input is saved by reference
-  (the base layer's caller holds it anyway) and the dropped input is rebuilt in backward;
+- only the dropped positions (8 bytes per dropped element: 0.4 bytes per element at p = 0.05) or the boolean
+  keep-mask (1 byte per element) and the (tokens, r) product are saved; the input is saved by reference (the base
+  layer's caller holds it anyway) and the dropped input is rebuilt in backward;
 - ``result + scale * (x_kept @ A.T) @ B.T`` is one ``addmm_`` into the base layer's fresh output (no copy of it).
 
 Precision follows PEFT's own path: under ``torch.autocast`` the branch's matmuls run in the autocast dtype (bf16 on
