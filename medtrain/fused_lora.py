@@ -96,7 +96,8 @@ def dropped_positions(numel: int, p: float, device: torch.device) -> torch.Tenso
 
     The gaps between consecutive drops are geometric, ``1 + floor(log(1 - u) / log(1 - p))`` for fp32 uniforms
     ``u`` in [0, 1) (at most 2**-24 from the exact distribution). The first draw covers ``numel`` but for a 6-sigma
-    shortfall; then more gaps are drawn from where it stopped, so the result never depends on how many were drawn.
+    shortfall; then more gaps are drawn from where it stopped, so the positions are those of one long draw (only the
+    generator's state afterwards depends on how many were drawn at once).
     """
     log_keep = math.log1p(-p)
     pieces, start = [], 0  # start: the first position no gap has reached yet
