@@ -7,6 +7,7 @@ only) builds its trainer through the same :func:`build_grpo_trainer`.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,10 +148,45 @@ def prompt_dataset(records: list[dict], tokenizer: Any, chat_format: Any, max_le
 def build_grpo_trainer(policy: Any, tokenizer: Any, reward_funcs: list[RewardFunc], training_args: Any,
                        train_dataset: Any, stop_ids: list[int], eval_dataset: Any = None,
                        callbacks: list | None = None):
-    """TRL's GRPOTrainer on text prompts; generation ends at the chat format's stop tokens."""
+    """TRL's GRPOTrainer on text prompts; generation ends at the chat format's stop tokens; a resumed run gets each
+    epoch's prompt order (:func:`epoch_seeded_sampler`)."""
     from trl import GRPOTrainer
+
+    class ResumableGRPOTrainer(GRPOTrainer):
+        def _get_train_sampler(self, dataset: Any = None) -> Any:
+            return epoch_seeded_sampler(super()._get_train_sampler(dataset))
 
     # GRPOTrainer ends completions at the model's generation eos ids (plus the tokenizer's eos)
     policy.generation_config.eos_token_id = stop_ids
-    return GRPOTrainer(model=policy, reward_funcs=reward_funcs, args=training_args, train_dataset=train_dataset,
-                       eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks)
+    return ResumableGRPOTrainer(model=policy, reward_funcs=reward_funcs, args=training_args,
+                                train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+                                callbacks=callbacks)
+
+
+def epoch_seeded_sampler(sampler: Any) -> Any:
+    """TRL's shuffling ``RepeatSampler`` made to draw epoch ``e``'s order from ``seed + e`` (its ``set_epoch``, which the
+    Trainer calls through accelerate before every epoch), returned as is otherwise.
+
+    TRL's sampler draws every epoch's order from one generator seeded once. transformers 5 no longer iterates the
+    dataloader past the epochs a resumed run has already trained, so a run resumed at an epoch boundary started the
+    generator afresh and replayed the first epoch's order (found by the kill -9 resume test of grpo_training.py: the
+    resumed run's step 5 trained on step 1's prompts). Epoch 0's order is TRL's; later epochs' orders differ from
+    TRL's but are the same whether or not the run was resumed. (TRL's ``_get_train_sampler`` is private: if it stops
+    being called, that resume test fails again.)
+    """
+    from trl.trainer.utils import RepeatSampler
+
+    if type(sampler) is RepeatSampler and sampler.shuffle and sampler.seed is not None:
+        sampler.__class__ = _epoch_seeded_class()
+    return sampler
+
+
+@functools.cache
+def _epoch_seeded_class() -> type:
+    from trl.trainer.utils import RepeatSampler
+
+    class EpochSeededRepeatSampler(RepeatSampler):
+        def set_epoch(self, epoch: int) -> None:
+            self.generator.manual_seed(self.seed + epoch)
+
+    return EpochSeededRepeatSampler

@@ -325,6 +325,29 @@ def test_grpo_rewards_logged_weighted_rising_and_kill9_resume(tmp_path):
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
+def test_grpo_sampler_draws_each_epochs_order_from_seed_and_epoch():
+    """A run resumed at an epoch boundary gets that epoch's prompt order, not a replay of the first epoch's."""
+    from trl.trainer.utils import RepeatSampler
+
+    from medtrain.grpo import epoch_seeded_sampler
+
+    data = list(range(12))
+
+    def orders(first_epoch):  # each epoch's order from a sampler that starts (afresh) at first_epoch
+        sampler = epoch_seeded_sampler(RepeatSampler(data, mini_repeat_count=2, batch_size=3, seed=7))
+        result = {}
+        for epoch in range(first_epoch, 3):
+            sampler.set_epoch(epoch)  # what the Trainer does (through accelerate) before each epoch
+            result[epoch] = list(sampler)
+        return result
+
+    full, resumed = orders(0), orders(2)
+    assert resumed[2] == full[2] and len({tuple(o) for o in full.values()}) == 3
+    assert full[0] == list(RepeatSampler(data, mini_repeat_count=2, batch_size=3, seed=7))  # epoch 0 is TRL's order
+    for kept in (RepeatSampler(data, 2, 3, seed=None), RepeatSampler(data, 2, 3, shuffle=False, seed=7)):
+        assert type(epoch_seeded_sampler(kept)) is RepeatSampler  # nothing to make reproducible: left as TRL's
+
+
 def test_sample_questions_load():
     from conftest import ROOT
 
