@@ -129,11 +129,6 @@ def keep_scale(p: float) -> float:
     return RESOLUTION / (RESOLUTION - keep_threshold(p))
 
 
-def _scratch(name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A per-thread CPU buffer (:func:`medtrain.scratch.scratch`) shaped like ``like``."""
-    return scratch(f"fused_lora.{name}", like.shape, dtype)
-
-
 def _masked_into(out: torch.Tensor, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``out = x * keep`` (as ``nn.Dropout`` masks, before its scale); ``out`` must not overlap ``x``.
 
@@ -147,7 +142,7 @@ def _masked_into(out: torch.Tensor, keep: torch.Tensor, x: torch.Tensor) -> torc
 
 def _dropped(drop: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``x`` with ``drop``'s elements zeroed, for an immediate matmul (on CPU in a per-thread scratch buffer)."""
-    out = _scratch("dropped", x, x.dtype) if x.device.type == "cpu" else torch.empty_like(x)
+    out = scratch("fused_lora.dropped", x.shape, x.dtype, x.device)
     if drop.dtype == torch.bool:
         return _masked_into(out, drop, x)
     out.copy_(x).view(-1).index_fill_(0, drop, 0)
@@ -162,7 +157,7 @@ def _mask_in_place(drop: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return x
     if x.device.type != "cpu":
         return x.mul_(drop)
-    return x.mul_(_scratch("mask", x, x.dtype).copy_(drop.view(torch.uint8)))
+    return x.mul_(scratch("fused_lora.mask", x.shape, x.dtype).copy_(drop.view(torch.uint8)))
 
 
 def branch_dtype(x: torch.Tensor, weight_a: torch.Tensor) -> torch.dtype:

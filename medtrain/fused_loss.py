@@ -59,9 +59,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         # (chunk, vocab) tiles reused by every chunk, and on CPU from call to call (medtrain.scratch): a fresh 100 MB
         # tensor costs more in page faults than the exponentials computed in it.
         tile = (min(chunk, hidden.shape[0]), weight.shape[0])
-        logits_tile = _tile("logits", tile, torch.float32, hidden.device)
-        probs_tile = _tile("probs", tile, torch.float32, hidden.device)
-        low_tile = _tile("low", tile, dtype, hidden.device) if dtype != torch.float32 else None
+        logits_tile = scratch("fused_loss.logits", tile, torch.float32, hidden.device)
+        probs_tile = scratch("fused_loss.probs", tile, torch.float32, hidden.device)
+        low_tile = scratch("fused_loss.low", tile, dtype, hidden.device) if dtype != torch.float32 else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
             rows = torch.arange(t.shape[0], device=t.device)
@@ -104,12 +104,6 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused):
         grads = [None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
         return (*grads, None, None, None, None)
-
-
-def _tile(name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if device.type == "cpu":
-        return scratch(f"fused_loss.{name}", shape, dtype)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def loss_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

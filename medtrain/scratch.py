@@ -17,11 +17,15 @@ import torch
 _local = threading.local()
 
 
-def scratch(name: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """This thread's CPU buffer ``name`` viewed as ``shape`` (contents undefined), grown to the largest size asked.
+def scratch(name: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype,
+            device: torch.device | str = "cpu") -> torch.Tensor:
+    """This thread's CPU buffer ``name`` viewed as ``shape`` (contents undefined), grown to the largest size asked; on
+    other devices (whose allocators cache freed blocks themselves) a fresh ``torch.empty``.
 
     Each name is one buffer: a caller must be done with the previous view of ``name`` before asking for it again.
     """
+    if torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
     numel = 1
     for size in shape:
         numel *= size
