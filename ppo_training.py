@@ -40,7 +40,7 @@ from medtrain.data import load_splits
 from medtrain.entrypoint import run_main
 from medtrain.errors import ConfigError, DataError
 from medtrain.formats import load_prompts
-from medtrain.grpo import build_grpo_trainer
+from medtrain.grpo import build_grpo_trainer, resumable
 from medtrain.modeling import apply_lora, load_model, load_tokenizer
 from medtrain.outputs import save_curves, save_model_companions, train_and_save, write_results
 from medtrain.ppo import PPOArguments, PPOTrainer
@@ -216,7 +216,7 @@ def build_trl(policy, tokenizer, scorer, train_prompts, rl_args, training_args, 
     if rl_args.rl_algo == "grpo":
         return build_grpo_trainer(policy, tokenizer, reward_funcs, training_args, dataset, stop_ids,
                                   callbacks=resilience_callbacks(run_args))
-    return RLOOTrainer(model=policy, reward_funcs=reward_funcs, args=training_args, train_dataset=dataset,
+    return resumable(RLOOTrainer)(model=policy, reward_funcs=reward_funcs, args=training_args, train_dataset=dataset,
                        processing_class=tokenizer, callbacks=resilience_callbacks(run_args))
 
 

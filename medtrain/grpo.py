@@ -149,18 +149,28 @@ def build_grpo_trainer(policy: Any, tokenizer: Any, reward_funcs: list[RewardFun
                        train_dataset: Any, stop_ids: list[int], eval_dataset: Any = None,
                        callbacks: list | None = None):
     """TRL's GRPOTrainer on text prompts; generation ends at the chat format's stop tokens; a resumed run gets each
-    epoch's prompt order (:func:`epoch_seeded_sampler`)."""
+    epoch's prompt order (:func:`resumable`)."""
     from trl import GRPOTrainer
-
-    class ResumableGRPOTrainer(GRPOTrainer):
-        def _get_train_sampler(self, dataset: Any = None) -> Any:
-            return epoch_seeded_sampler(super()._get_train_sampler(dataset))
 
     # GRPOTrainer ends completions at the model's generation eos ids (plus the tokenizer's eos)
     policy.generation_config.eos_token_id = stop_ids
-    return ResumableGRPOTrainer(model=policy, reward_funcs=reward_funcs, args=training_args,
+    return resumable(GRPOTrainer)(model=policy, reward_funcs=reward_funcs, args=training_args,
                                 train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
                                 callbacks=callbacks)
+
+
+@functools.cache
+def resumable(trainer_class: type) -> type:
+    """TRL's GRPOTrainer or RLOOTrainer (``trainer_class``) drawing its prompts through :func:`epoch_seeded_sampler`,
+    so that a run resumed at an epoch boundary trains on that epoch's prompts. (Overrides TRL's private
+    ``_get_train_sampler``: if it stops being called, the kill -9 resume tests of GRPO and RLOO fail.)"""
+
+    class Resumable(trainer_class):
+        def _get_train_sampler(self, dataset: Any = None) -> Any:
+            return epoch_seeded_sampler(super()._get_train_sampler(dataset))
+
+    Resumable.__name__ = Resumable.__qualname__ = f"Resumable{trainer_class.__name__}"
+    return Resumable
 
 
 def epoch_seeded_sampler(sampler: Any) -> Any:
@@ -170,9 +180,8 @@ def epoch_seeded_sampler(sampler: Any) -> Any:
     TRL's sampler draws every epoch's order from one generator seeded once. transformers 5 no longer iterates the
     dataloader past the epochs a resumed run has already trained, so a run resumed at an epoch boundary started the
     generator afresh and replayed the first epoch's order (found by the kill -9 resume test of grpo_training.py: the
-    resumed run's step 5 trained on step 1's prompts). Epoch 0's order is TRL's; later epochs' orders differ from
-    TRL's but are the same whether or not the run was resumed. (TRL's ``_get_train_sampler`` is private: if it stops
-    being called, that resume test fails again.)
+    resumed run's step 5 trained on step 1's prompts; RLOO's sampler is the same). Epoch 0's order is TRL's; later
+    epochs' orders differ from TRL's but are the same whether or not the run was resumed.
     """
     from trl.trainer.utils import RepeatSampler
 

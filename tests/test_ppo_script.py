@@ -61,6 +61,33 @@ def test_trl_rloo_and_grpo_modes_run(rl_setup, tmp_path, algo, extra):
     assert "train_samples = 8" in (out / "train_results.txt").read_text()
 
 
+def test_trl_rloo_kill9_at_an_epoch_boundary_then_resume_trains_the_next_epochs_prompts(rl_setup, tmp_path):
+    """TRL's RLOO shuffles prompts with one generator seeded once; a run resumed at an epoch boundary must get the
+    second epoch's order (epoch_seeded_sampler), not a replay of the first's: same rewards and losses as uninterrupted."""
+    from test_resume import crash_then_resume
+
+    def rloo_args(out):  # 8 prompts, 4 per step (8 completions, 2 per prompt): an epoch is 2 steps
+        return ["ppo_training.py", "--model_name_or_path", str(rl_setup / "policy"), "--reward_model_name_or_path",
+                str(rl_setup / "rm"), "--train_file_dir", str(rl_setup / "pref"), "--output_dir", str(out),
+                "--rl_algo", "rloo", "--num_generations", "2", "--per_device_train_batch_size", "8",
+                "--max_completion_length", "6", "--max_steps", "4", "--save_steps", "2", "--learning_rate", "3e-3",
+                "--logging_steps", "1", "--report_to", "none", "--seed", "3", "--disable_tqdm", "True"]
+
+    crashed = tmp_path / "crashed"
+    crash_then_resume(rloo_args, tmp_path, crashed, 2, "reward")
+
+    def logged(out):
+        return {e["step"]: e for e in json.loads((out / "trainer_state.json").read_text())["log_history"]
+                if "reward" in e}
+
+    full, resumed = logged(tmp_path / "full"), logged(crashed)
+    assert sorted(full) == [1, 2, 3, 4] and sorted(resumed)[-2:] == [3, 4]
+    assert len({full[s]["reward"] for s in full}) > 1  # the prompts (and so the rewards) differ between steps
+    for step in (3, 4):  # the second epoch's prompts, completions, rewards and update, as if never interrupted
+        for key in ("reward", "num_tokens", "loss"):
+            assert abs(resumed[step][key] - full[step][key]) <= 1e-5 * max(1.0, abs(full[step][key])), (step, key)
+
+
 def test_reward_model_with_another_vocabulary_is_refused(rl_setup, tmp_path):
     other = tmp_path / "other"
     build_model(other, build_tokenizer(other, chat_template=CHATML_TEMPLATE, vocab_size=300))
